@@ -1,0 +1,496 @@
+"""Frozen, validated configs loaded from YAML, with dotted `key=value` overrides.
+
+Every config is a frozen dataclass, so it is hashable and can be a static argument of `jax.jit`.
+Loading checks every key against the dataclass fields and every value against the field's type, and
+names the full key path on error (`model.rope_scaling.factor: expected float, got 'x'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from r1jax.errors import ConfigError
+
+
+class FrozenDict(Mapping):
+    """An immutable, hashable mapping for dict-valued config fields (rope scaling, HF passthrough)."""
+
+    def __init__(self, items=()):
+        self._d = {k: _freeze(v) for k, v in dict(items).items()}
+        self._hash = None
+
+    def __getitem__(self, k):
+        return self._d[k]
+
+    def __iter__(self):
+        return iter(self._d)
+
+    def __len__(self):
+        return len(self._d)
+
+    def __hash__(self):
+        if self._hash is None:
+            self._hash = hash(json.dumps(thaw(self), sort_keys=True, default=str))
+        return self._hash
+
+    def __eq__(self, other):
+        return isinstance(other, Mapping) and thaw(self) == thaw(other)
+
+    def __repr__(self):
+        return f"FrozenDict({self._d!r})"
+
+
+def _freeze(v):
+    if isinstance(v, Mapping) and not isinstance(v, FrozenDict):
+        return FrozenDict(v)
+    if isinstance(v, list):
+        return tuple(_freeze(x) for x in v)
+    return v
+
+
+def thaw(v):
+    """FrozenDict/tuple → plain dict/list, recursively (for JSON and YAML output)."""
+    if isinstance(v, Mapping):
+        return {k: thaw(x) for k, x in v.items()}
+    if isinstance(v, tuple):
+        return [thaw(x) for x in v]
+    return v
+
+
+# --------------------------------------------------------------------------- generic loading
+
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _coerce(value, tp, path: str):
+    """Check `value` against type hint `tp`; return the (possibly converted) value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return _freeze(value)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if tp is FrozenDict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return FrozenDict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected str, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported field type {tp!r}")
+
+
+def from_dict(cls, d: Mapping, path: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    prefix = f"{path}." if path else ""
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key for {cls.__name__} "
+            f"(valid keys: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        kwargs[name] = _coerce(value, hints[name], prefix + name)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: required key is missing for {cls.__name__}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e))
+
+
+def to_dict(cfg) -> dict:
+    """Dataclass → plain nested dict (YAML/JSON ready)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else thaw(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'a.b.c=value' → (['a','b','c'], yaml-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {e}") from None
+    return key.split("."), value
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply dotted overrides to a nested dict (new dict; input untouched)."""
+    d = json.loads(json.dumps(d)) if d else {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = d
+        for i, k in enumerate(keys[:-1]):
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise ConfigError(f"{'.'.join(keys[: i + 1])}: is not a mapping, cannot set {'.'.join(keys)}")
+            node = node[k]
+        node[keys[-1]] = value
+    return d
+
+
+def read_yaml(path) -> dict:
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return d
+
+
+def load(cls, path, overrides: list[str] = ()):
+    """Load dataclass `cls` from a YAML file plus dotted overrides."""
+    return from_dict(cls, apply_overrides(read_yaml(path), list(overrides)))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _r1(**kw):
+    """Field that exists only in r1jax (not written to the HF config.json)."""
+    return dataclasses.field(metadata={"hf": False}, **kw)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+HF_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """DeepSeek-V2/V3 architecture. Field names follow HF `DeepseekV3Config` where one exists."""
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    # MLA gives every head its own key and value (kv_b_proj makes H heads); kept for the round trip.
+    num_key_value_heads: Optional[int] = None
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    norm_topk_prob: bool = True
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    topk_method: Literal["noaux_tc", "greedy", "group_limited_greedy"] = "noaux_tc"
+    first_k_dense_replace: int = 3
+    kv_lora_rank: int = 512
+    q_lora_rank: Optional[int] = 1536
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    hidden_act: Literal["silu"] = "silu"
+    max_position_embeddings: int = 163840
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[FrozenDict] = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+    num_nextn_predict_layers: int = 1
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Optional[int] = 1
+    pad_token_id: Optional[int] = None
+    model_type: Literal["deepseek_v3", "deepseek_v2"] = "deepseek_v3"
+    # HF keys r1jax does not interpret (architectures, quantization_config, auto_map, ...),
+    # carried so a config.json survives the round trip.
+    hf_extra: FrozenDict = dataclasses.field(default_factory=FrozenDict)
+    # Whether the HF config spelled rope as `rope_parameters` (transformers ≥ 5) or `rope_scaling`.
+    hf_rope_key: Literal["rope_scaling", "rope_parameters"] = _r1(default="rope_scaling")
+    # r1jax execution choices.
+    dtype: Literal["float32", "bfloat16", "float16"] = _r1(default="float32")
+    param_dtype: Literal["float32", "bfloat16", "float16"] = _r1(default="float32")
+    moe_dispatch: str = _r1(default="ragged")
+    capacity_factor: float = _r1(default=1.25)
+    remat_policy: str = _r1(default="none")
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if not isinstance(self.hf_extra, FrozenDict):
+            object.__setattr__(self, "hf_extra", FrozenDict(self.hf_extra or {}))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenDict):
+            object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_dense_layers(self) -> int:
+        if self.n_routed_experts == 0:
+            return self.num_hidden_layers
+        return min(self.first_k_dense_replace, self.num_hidden_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.num_dense_layers
+
+    @property
+    def mtp_is_moe(self) -> bool:
+        return self.n_routed_experts > 0 and self.num_hidden_layers >= self.first_k_dense_replace
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.moe_intermediate_size * self.n_shared_experts
+
+    @property
+    def rope_type(self) -> str:
+        if self.rope_scaling is None:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    # ------------------------------------------------------------------ validation
+    def validate(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        for key in (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+        ):
+            need(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        need(self.intermediate_size > 0 or self.num_dense_layers == 0, "intermediate_size",
+             f"must be positive when there are dense layers, got {self.intermediate_size}")
+        need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank",
+             f"must be null or positive, got {self.q_lora_rank}")
+        need(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim",
+             f"must be even (rotary pairs), got {self.qk_rope_head_dim}")
+        need(self.n_routed_experts >= 0, "n_routed_experts", "must be >= 0")
+        need(self.first_k_dense_replace >= 0, "first_k_dense_replace", "must be >= 0")
+        need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
+        need(self.max_position_embeddings > 0, "max_position_embeddings", "must be positive")
+        need(self.rope_theta > 0, "rope_theta", "must be positive")
+        if self.n_routed_experts > 0:
+            need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
+            need(self.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+            need(1 <= self.num_experts_per_tok <= self.n_routed_experts, "num_experts_per_tok",
+                 f"must be in [1, n_routed_experts={self.n_routed_experts}], got {self.num_experts_per_tok}")
+            need(self.n_group >= 1, "n_group", f"must be >= 1, got {self.n_group}")
+            need(self.n_routed_experts % self.n_group == 0, "n_group",
+                 f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})")
+            need(1 <= self.topk_group <= self.n_group, "topk_group",
+                 f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
+            per_group = self.n_routed_experts // self.n_group
+            if self.topk_method in ("noaux_tc", "group_limited_greedy"):
+                need(self.topk_group * per_group >= self.num_experts_per_tok, "topk_group",
+                     f"topk_group ({self.topk_group}) groups of {per_group} experts cannot supply "
+                     f"num_experts_per_tok={self.num_experts_per_tok} experts")
+            if self.topk_method == "noaux_tc":
+                need(per_group >= 2, "n_group",
+                     f"noaux_tc scores each group by its top-2 experts; n_routed_experts/n_group = {per_group}")
+        if self.model_type == "deepseek_v3":
+            need(self.scoring_func == "sigmoid", "scoring_func",
+                 f"model_type deepseek_v3 routes with a sigmoid gate, got {self.scoring_func!r}")
+            need(self.topk_method == "noaux_tc", "topk_method",
+                 f"model_type deepseek_v3 routes with noaux_tc, got {self.topk_method!r}")
+        else:
+            need(self.scoring_func == "softmax", "scoring_func",
+                 f"model_type deepseek_v2 routes with a softmax gate, got {self.scoring_func!r}")
+            need(self.topk_method in ("greedy", "group_limited_greedy"), "topk_method",
+                 f"model_type deepseek_v2 supports greedy or group_limited_greedy, got {self.topk_method!r}")
+            need(self.rope_interleave, "rope_interleave", "deepseek_v2 always uses interleaved rope")
+        need(self.capacity_factor > 0, "capacity_factor", "must be positive")
+        if self.rope_scaling is not None:
+            self._validate_rope()
+        # Late imports: the strategy tables live beside the code they choose between.
+        from r1jax.model.moe import DISPATCH
+        from r1jax.model.transformer import REMAT_POLICIES
+
+        need(self.moe_dispatch in DISPATCH, "moe_dispatch",
+             f"unknown strategy {self.moe_dispatch!r}; valid: {', '.join(sorted(DISPATCH))}")
+        need(self.remat_policy in REMAT_POLICIES, "remat_policy",
+             f"unknown policy {self.remat_policy!r}; valid: {', '.join(sorted(REMAT_POLICIES))}")
+
+    def _validate_rope(self):
+        rs = self.rope_scaling
+        kind = self.rope_type
+        if kind == "default":
+            return
+        if kind != "yarn":
+            raise ConfigError(f"rope_scaling.type: only 'yarn' (or 'default') is supported, got {kind!r}")
+        factor = rs.get("factor")
+        if factor is None or isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 0:
+            raise ConfigError(f"rope_scaling.factor: must be a positive number, got {factor!r}")
+        omp = rs.get("original_max_position_embeddings")
+        if omp is not None and (not isinstance(omp, int) or omp <= 0):
+            raise ConfigError(f"rope_scaling.original_max_position_embeddings: must be a positive int, got {omp!r}")
+        for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            v = rs.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v)):
+                raise ConfigError(f"rope_scaling.{k}: must be a number, got {v!r}")
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf_config(cls, d: Mapping, **r1jax_options) -> "ModelConfig":
+        """Build from a HF config.json dict (DeepseekV3Config or DeepseekV2Config)."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"config.json: expected a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        model_type = d.get("model_type")
+        if model_type not in HF_MODEL_TYPES:
+            raise ConfigError(f"model_type: expected one of {list(HF_MODEL_TYPES)}, got {model_type!r}")
+        required = (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+        )
+        for key in required:
+            if key not in d or d[key] is None:
+                raise ConfigError(f"{key}: required field missing from config.json")
+        hf_fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("hf", True)} - {
+            "hf_extra", "rope_scaling", "rope_theta"
+        }
+        kw, extra = {}, {}
+        for k, v in d.items():
+            if k in ("rope_scaling", "rope_parameters", "rope_theta"):
+                continue
+            (kw if k in hf_fields else extra)[k] = v
+        # HF-only aliases.
+        for alias, name in (("num_mtp_layers", "num_nextn_predict_layers"), ("num_local_experts", "n_routed_experts")):
+            if alias in extra and name not in kw:
+                kw[name] = extra.pop(alias)
+        if model_type == "deepseek_v2":
+            kw.setdefault("scoring_func", "softmax")
+            kw.setdefault("topk_method", "greedy")
+            kw.setdefault("num_nextn_predict_layers", 0)
+            kw.setdefault("rope_interleave", True)
+            kw.setdefault("first_k_dense_replace", 0)
+            for k in ("n_group", "topk_group"):
+                if kw.get(k) is None:
+                    kw[k] = 1
+        for k in ("first_k_dense_replace", "n_group", "topk_group", "num_experts_per_tok"):
+            if k in kw and kw[k] is None:
+                raise ConfigError(f"{k}: must not be null")
+        if kw.get("n_routed_experts") is None:
+            kw["n_routed_experts"] = 0
+        if isinstance(kw.get("eos_token_id"), list):
+            extra["eos_token_id"] = kw.pop("eos_token_id")
+        rope_key = "rope_parameters" if "rope_parameters" in d else "rope_scaling"
+        rope = d.get(rope_key)
+        if rope is not None and not isinstance(rope, Mapping):
+            raise ConfigError(f"{rope_key}: expected a mapping or null, got {rope!r}")
+        rope = dict(rope or {})
+        theta = rope.pop("rope_theta", None) if rope_key == "rope_parameters" else None
+        theta = d.get("rope_theta", 10000.0) if theta is None else theta
+        if "rope_theta" in d and rope_key == "rope_parameters":
+            extra["rope_theta"] = d["rope_theta"]
+        kw["rope_theta"] = theta
+        kw["rope_scaling"] = rope or (None if d.get(rope_key) is None else {})
+        kw["hf_extra"] = extra
+        kw["hf_rope_key"] = rope_key
+        kw.update(r1jax_options)
+        return from_dict(cls, kw, "")
+
+    def to_hf_config(self) -> dict:
+        """The HF config.json dict; keys read by from_hf_config come back unchanged."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("hf", True) or f.name in ("hf_extra", "rope_scaling", "rope_theta"):
+                continue
+            out[f.name] = thaw(getattr(self, f.name))
+        out.update(thaw(self.hf_extra))
+        rope = thaw(self.rope_scaling) if self.rope_scaling is not None else None
+        if self.hf_rope_key == "rope_parameters":
+            rp = dict(rope or {"rope_type": "default"})
+            rp["rope_theta"] = self.rope_theta
+            out["rope_parameters"] = rp
+        else:
+            out["rope_scaling"] = rope
+            out["rope_theta"] = self.rope_theta
+        if self.model_type == "deepseek_v2":
+            out.pop("num_nextn_predict_layers", None) if self.num_nextn_predict_layers == 0 else None
+        out.setdefault("architectures", [
+            "DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+        ])
+        return out
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)

@@ -1,0 +1,71 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1), training / prefill form.
+
+Legend: B batch · T query positions · S key positions · D model · H heads · K qk head dim (N+R)
+· N nope dim · R rope dim · V value head dim · L kv latent · Q q latent.
+
+Keys and values come from a per-token latent c [B,S,L] (plus one shared rope key [B,S,R]); this form
+expands c through kv_b to per-head keys and values. The absorbed decode form over a latent cache lives
+with the sampler and reuses `queries` and `latent_kv`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import ModelConfig
+from r1jax.model import rope
+from r1jax.model.layers import rms_norm
+
+NEG_INF = -1e30  # finite, so a fully masked row (padding) gives uniform weights instead of NaN
+
+
+def queries(p: dict, x: jax.Array, cos, sin, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """x [B,T,D] -> q_nope [B,T,H,N], q_rope [B,T,H,R] (rotated)."""
+    if cfg.q_lora_rank is None:
+        q = jnp.einsum("BTD,DHK->BTHK", x, p["q"])
+    else:
+        qa = jnp.einsum("BTD,DQ->BTQ", x, p["q_a"])
+        if "q_a_bias" in p:
+            qa = qa + p["q_a_bias"]
+        q = jnp.einsum("BTQ,QHK->BTHK", rms_norm(p["q_a_norm"], qa, cfg.rms_norm_eps), p["q_b"])
+    q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+    return q_nope, rope.rotate(q_rope, cos, sin, cfg.rope_interleave)
+
+
+def latent_kv(p: dict, x: jax.Array, cos, sin, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """x [B,S,D] -> normalized latent c [B,S,L], shared rotated rope key k_rope [B,S,R]."""
+    ckv = jnp.einsum("BSD,DL->BSL", x, p["kv_a"])
+    if "kv_a_bias" in p:
+        ckv = ckv + p["kv_a_bias"]
+    c, k_rope = ckv[..., : cfg.kv_lora_rank], ckv[..., cfg.kv_lora_rank:]
+    return rms_norm(p["kv_a_norm"], c, cfg.rms_norm_eps), rope.rotate(k_rope, cos, sin, cfg.rope_interleave)
+
+
+def mask(segment_ids: jax.Array) -> jax.Array:
+    """Causal within a segment: [B,T] -> bool [B,1,T,S] (T = S; packed rows never see each other)."""
+    T = segment_ids.shape[1]
+    causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same)[:, None]
+
+
+def output(p: dict, ctx: jax.Array) -> jax.Array:
+    """ctx [B,T,H,V] -> [B,T,D]."""
+    y = jnp.einsum("BTHV,HVD->BTD", ctx, p["o"])
+    return y + p["o_bias"] if "o_bias" in p else y
+
+
+def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """MLA over x [B,T,D] with rope positions [B,T] and segment ids [B,T] -> [B,T,D]."""
+    cos, sin = rope.tables(positions, cfg)
+    q_nope, q_rope = queries(p, x, cos, sin, cfg)
+    c, k_rope = latent_kv(p, x, cos, sin, cfg)
+    kv = jnp.einsum("BSL,LHC->BSHC", c, p["kv_b"])
+    k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+    # q·k = q_nope·k_nope + q_rope·k_rope; the rope key is one head shared by all (spec §3).
+    scores = jnp.einsum("BTHN,BSHN->BHTS", q_nope, k_nope, preferred_element_type=jnp.float32)
+    scores += jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask(segment_ids), scores * rope.softmax_scale(cfg), NEG_INF)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return output(p, jnp.einsum("BHTS,BSHV->BTHV", weights, v))

@@ -1,0 +1,153 @@
+"""DeepSeekMoE: shared experts + fine-grained routed experts (V2 §2.2, V3 §2.1.2).
+
+Legend: B batch · T positions · N tokens (B·T) · D model · E routed experts · k experts per token
+· G expert groups · F expert ffn hidden · C capacity per expert · S segments.
+
+`route` picks experts; a dispatch strategy from `DISPATCH` runs them; `apply` adds the shared
+experts and returns load statistics for balancing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import ModelConfig
+from r1jax.model.layers import swiglu
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def _group_mask(scores: jax.Array, cfg: ModelConfig, group_score) -> jax.Array:
+    """Keep the topk_group best groups: scores [N,E] -> bool [N,E]."""
+    N, E = scores.shape
+    grouped = scores.reshape(N, cfg.n_group, E // cfg.n_group)
+    _, best = jax.lax.top_k(group_score(grouped), cfg.topk_group)  # [N, topk_group]
+    keep = jnp.zeros((N, cfg.n_group), bool).at[jnp.arange(N)[:, None], best].set(True)
+    return jnp.repeat(keep, E // cfg.n_group, axis=1)
+
+
+def route(p: dict, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Router in fp32. x [N,D] -> weights [N,k] f32, expert ids [N,k] i32, scores [N,E] f32."""
+    logits = jnp.einsum("ND,DE->NE", x.astype(jnp.float32), p["router"].astype(jnp.float32))
+    k = cfg.num_experts_per_tok
+    if cfg.scoring_func == "sigmoid":  # V3: sigmoid gate, bias for selection only (V3 eq. 16)
+        scores = jax.nn.sigmoid(logits)
+        choice = scores + jax.lax.stop_gradient(p["router_bias"].astype(jnp.float32))
+        # Group score = sum of its top-2 biased scores (node-limited routing, V3 §2.1.2).
+        keep = _group_mask(choice, cfg, lambda g: jax.lax.top_k(g, 2)[0].sum(-1))
+        _, ids = jax.lax.top_k(jnp.where(keep, choice, -jnp.inf), k)
+        weights = jnp.take_along_axis(scores, ids, axis=-1)
+    else:  # V2: softmax gate
+        scores = jax.nn.softmax(logits, axis=-1)
+        choice = scores
+        if cfg.topk_method == "group_limited_greedy":
+            choice = jnp.where(_group_mask(scores, cfg, lambda g: g.max(-1)), scores, 0.0)
+        weights, ids = jax.lax.top_k(choice, k)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return weights * cfg.routed_scaling_factor, ids.astype(jnp.int32), scores
+
+
+# --------------------------------------------------------------------------- dispatch strategies
+# Each: (experts params, x [N,D], weights [N,k], ids [N,k], cfg) -> (y [N,D] f32, dropped i32).
+
+
+def _dense(p, x, weights, ids, cfg):
+    """Reference: every expert on every token, then keep the chosen ones. O(E) compute."""
+    N = x.shape[0]
+    gate = jnp.einsum("ND,EDF->NEF", x, p["gate"])
+    up = jnp.einsum("ND,EDF->NEF", x, p["up"])
+    out = jnp.einsum("NEF,EFD->NED", jax.nn.silu(gate) * up, p["down"])
+    combine = jnp.zeros((N, cfg.n_routed_experts), jnp.float32).at[jnp.arange(N)[:, None], ids].add(weights)
+    return jnp.einsum("NED,NE->ND", out.astype(jnp.float32), combine), jnp.int32(0)
+
+
+def _ragged(p, x, weights, ids, cfg):
+    """Dropless: sort token copies by expert and run one grouped matmul per projection."""
+    N, k = ids.shape
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    token = order // k
+    sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
+    xs = x[token]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, p["gate"], sizes)) * jax.lax.ragged_dot(xs, p["up"], sizes)
+    out = jax.lax.ragged_dot(h, p["down"], sizes).astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((N, x.shape[1]), jnp.float32).at[token].add(out), jnp.int32(0)
+
+
+def capacity(num_tokens: int, cfg: ModelConfig) -> int:
+    """Slots per expert: ceil(capacity_factor · N·k / E)."""
+    return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.num_experts_per_tok / cfg.n_routed_experts))
+
+
+def _capacity(p, x, weights, ids, cfg):
+    """Fixed slots per expert (GShard style); first choices fill slots before second choices;
+    overflow copies are dropped and counted."""
+    N, k = ids.shape
+    E, C = cfg.n_routed_experts, capacity(N, cfg)
+    flat = ids.T.reshape(-1)  # choice-major priority
+    onehot = jax.nn.one_hot(flat, E, dtype=jnp.int32)
+    pos = jnp.take_along_axis(jnp.cumsum(onehot, axis=0) - 1, flat[:, None], axis=1)[:, 0]
+    keep = pos < C
+    slot = jnp.where(keep, flat * C + pos, E * C)  # E·C = out of range -> dropped by mode="drop"
+    token = jnp.tile(jnp.arange(N), k)
+    buf = jnp.zeros((E * C, x.shape[1]), x.dtype).at[slot].set(x[token], mode="drop").reshape(E, C, -1)
+    h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", buf, p["gate"])) * jnp.einsum("ECD,EDF->ECF", buf, p["up"])
+    out = jnp.einsum("ECF,EFD->ECD", h, p["down"]).reshape(E * C, -1)
+    got = out.at[slot].get(mode="fill", fill_value=0).astype(jnp.float32)
+    w = jnp.where(keep, weights.T.reshape(-1), 0.0)[:, None]
+    y = jnp.zeros((N, x.shape[1]), jnp.float32).at[token].add(got * w)
+    return y, jnp.sum(~keep).astype(jnp.int32)
+
+
+DISPATCH = {"dense": _dense, "ragged": _ragged, "capacity": _capacity}
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def balance_loss(scores: jax.Array, ids: jax.Array, segment_ids: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Complementary sequence-wise balance loss without α (V3 eqs. 17-20), per packed segment.
+
+    scores [B,T,E], ids [B,T,k], segment_ids [B,T] (0 = padding, excluded) -> scalar.
+    """
+    B, T, E = scores.shape
+    k = cfg.num_experts_per_tok
+    valid = (segment_ids > 0).astype(jnp.float32)
+    # Number segments 0.. by their boundaries, so any id values work; each row has at most T.
+    boundary = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    seg = jnp.cumsum(boundary, axis=1) - 1
+    rows = jnp.arange(B)[:, None]
+    probs = scores / scores.sum(-1, keepdims=True) * valid[..., None]
+    hits = jax.nn.one_hot(ids, E, dtype=jnp.float32).sum(2) * valid[..., None]  # [B,T,E]
+    count = jnp.zeros((B, T, E)).at[rows, seg].add(hits)
+    prob = jnp.zeros((B, T, E)).at[rows, seg].add(probs)
+    length = jnp.zeros((B, T)).at[rows, seg].add(valid)
+    present = length > 0
+    safe = jnp.where(present, length, 1.0)[..., None]
+    f = E / (k * safe) * count
+    per_seq = jnp.sum(f * (prob / safe), axis=-1)
+    return jnp.sum(jnp.where(present, per_seq, 0.0)) / jnp.maximum(present.sum(), 1)
+
+
+def apply(p: dict, x: jax.Array, segment_ids: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, dict]:
+    """MoE FFN. x [B,T,D] -> y [B,T,D], stats {load [E], dropped, balance_loss}."""
+    B, T, D = x.shape
+    flat = x.reshape(B * T, D)
+    weights, ids, scores = route(p, flat, cfg)
+    routed, dropped = DISPATCH[cfg.moe_dispatch](p["experts"], flat, weights, ids, cfg)
+    y = routed.astype(x.dtype).reshape(B, T, D)
+    if "shared" in p:
+        y = y + swiglu(p["shared"], x)
+    valid = (segment_ids.reshape(-1) > 0).astype(jnp.float32)
+    load = jnp.zeros((cfg.n_routed_experts,), jnp.float32).at[ids].add(valid[:, None])
+    stats = {
+        "load": load,
+        "dropped": dropped,
+        "balance_loss": balance_loss(scores.reshape(B, T, -1), ids.reshape(B, T, -1), segment_ids, cfg),
+    }
+    return y, stats

@@ -1,0 +1,141 @@
+"""The decoder: embedding, dense then MoE layer stacks (each a `jax.lax.scan`), final norm, head,
+and the multi-token prediction modules (V3 §2.2).
+
+Legend: B batch · T positions · D model · V vocab · E routed experts · M MTP depth.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import ModelConfig
+from r1jax.model import attention, moe
+from r1jax.model.layers import cast_tree, rms_norm, swiglu
+
+# remat_policy name -> jax.checkpoint policy (None = no rematerialization).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _no_moe_stats(cfg: ModelConfig) -> dict:
+    return {"load": jnp.zeros((cfg.n_routed_experts,), jnp.float32), "dropped": jnp.int32(0),
+            "balance_loss": jnp.float32(0.0)}
+
+
+def block(p: dict, h: jax.Array, positions, segment_ids, cfg: ModelConfig, is_moe: bool):
+    """One decoder layer (spec §2). h [B,T,D] -> h [B,T,D], MoE stats."""
+    p = cast_tree(p, jnp.dtype(cfg.dtype))
+    h = h + attention.attend(p["attn"], rms_norm(p["input_norm"], h, cfg.rms_norm_eps), positions, segment_ids, cfg)
+    x = rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps)
+    if is_moe:
+        y, stats = moe.apply(p["mlp"], x, segment_ids, cfg)
+    else:
+        y, stats = swiglu(p["mlp"], x), _no_moe_stats(cfg)
+    return h + y, stats
+
+
+def _scan_blocks(stacked: dict, h, positions, segment_ids, cfg: ModelConfig, is_moe: bool):
+    """Run a stack of layers with lax.scan; stats come back stacked on a leading layer axis."""
+    def body(carry, p):
+        return block(p, carry, positions, segment_ids, cfg, is_moe)
+
+    policy = REMAT_POLICIES[cfg.remat_policy]
+    if cfg.remat_policy != "none":
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, h, stacked)
+
+
+def embed(params: dict, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    return jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+
+
+def head(w: jax.Array, norm_w: jax.Array, h: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """Final norm + projection to the vocabulary. h [B,T,D] -> logits [B,T,V] float32."""
+    x = rms_norm(norm_w, h, cfg.rms_norm_eps)
+    return jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+
+def lm_head_weight(params: dict) -> jax.Array:
+    return params["lm_head"] if "lm_head" in params else params["embed"].T
+
+
+def default_inputs(tokens: jax.Array, positions=None, segment_ids=None):
+    B, T = tokens.shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    return positions, segment_ids
+
+
+def hidden(params: dict, tokens: jax.Array, cfg: ModelConfig, positions=None, segment_ids=None):
+    """Embedding and every layer, before the final norm. -> h [B,T,D], stats (per MoE layer)."""
+    positions, segment_ids = default_inputs(tokens, positions, segment_ids)
+    h = embed(params, tokens, cfg)
+    if "dense_layers" in params:
+        h, _ = _scan_blocks(params["dense_layers"], h, positions, segment_ids, cfg, is_moe=False)
+    stats = None
+    if "moe_layers" in params:
+        h, stats = _scan_blocks(params["moe_layers"], h, positions, segment_ids, cfg, is_moe=True)
+    return h, stats
+
+
+def mtp_targets(tokens: jax.Array, segment_ids: jax.Array, depth: int):
+    """For module k = 1..depth at position i: input token t[i+k], target t[i+k+1], and whether both
+    exist in the same segment. -> inputs, targets, mask, each [M,B,T]."""
+    B, T = tokens.shape
+    inputs, targets, masks = [], [], []
+    idx = jnp.arange(T)
+    for k in range(1, depth + 1):
+        src, tgt = idx + k, idx + k + 1
+        ok = tgt < T
+        take = lambda a, j: jnp.take(a, jnp.minimum(j, T - 1), axis=1)
+        same = (take(segment_ids, tgt) == segment_ids) & (take(segment_ids, src) == segment_ids)
+        inputs.append(take(tokens, src))
+        targets.append(take(tokens, tgt))
+        masks.append(ok[None, :] & same & (segment_ids > 0))
+    return jnp.stack(inputs), jnp.stack(targets), jnp.stack(masks)
+
+
+def mtp(params: dict, h_main: jax.Array, tokens, positions, segment_ids, cfg: ModelConfig):
+    """Multi-token prediction (V3 §2.2, spec §6). h_main [B,T,D] (pre final norm) ->
+    logits [M,B,T,V] f32 for token t[i+k+1], targets [M,B,T], mask [M,B,T], stats per module."""
+    inputs, targets, mask = mtp_targets(tokens, segment_ids, cfg.num_nextn_predict_layers)
+
+    def body(h_prev, xs):
+        p, tok = xs
+        pc = cast_tree(p, jnp.dtype(cfg.dtype))
+        e = rms_norm(pc["enorm"], embed(params, tok, cfg), cfg.rms_norm_eps)
+        hp = rms_norm(pc["hnorm"], h_prev, cfg.rms_norm_eps)
+        x = jnp.einsum("BTC,CD->BTD", jnp.concatenate([e, hp], axis=-1), pc["eh_proj"])
+        h, stats = block(p, x, positions, segment_ids, cfg, cfg.mtp_is_moe)
+        logits = head(pc["head"], pc["head_norm"], h, cfg)
+        return h, (logits, stats)
+
+    _, (logits, stats) = jax.lax.scan(body, h_main, (params["mtp"], inputs))
+    return logits, targets, mask, stats
+
+
+def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, positions=None, segment_ids=None,
+          with_mtp: bool = False) -> dict:
+    """Full model. tokens [B,T] -> {"logits" [B,T,V] f32, "moe": stats per MoE layer or None,
+    and with_mtp: "mtp_logits", "mtp_targets", "mtp_mask", "mtp_moe"}."""
+    positions, segment_ids = default_inputs(tokens, positions, segment_ids)
+    h, stats = hidden(params, tokens, cfg, positions, segment_ids)
+    out = {"logits": head(lm_head_weight(params), params["final_norm"], h, cfg), "moe": stats}
+    if with_mtp and "mtp" in params:
+        logits, targets, mask, mtp_stats = mtp(params, h, tokens, positions, segment_ids, cfg)
+        out.update(mtp_logits=logits, mtp_targets=targets, mtp_mask=mask, mtp_moe=mtp_stats)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def forward_jit(params, tokens, cfg: ModelConfig, positions=None, segment_ids=None):
+    return apply(params, tokens, cfg, positions, segment_ids)["logits"]
