@@ -494,3 +494,145 @@ class ModelConfig:
 
     def replace(self, **kw) -> "ModelConfig":
         return dataclasses.replace(self, **kw)
+
+
+# ---- data
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """The built-in verifiable task (r1jax/data/tasks.py): integer arithmetic like `3+4*5-2=?`."""
+
+    min_operands: int = 2
+    max_operands: int = 3
+    max_operand: int = 9  # operands are drawn from 0..max_operand
+    ops: str = "+-*"
+    # Share of all expressions that belong to the held-out split (chosen by a hash of the expression,
+    # so the two splits are disjoint whatever the seed).
+    heldout_fraction: float = 0.1
+    seed: int = 0
+    num_train: int = 20000  # rows of the `task:train` source
+    num_eval: int = 200  # rows of the `task:eval` source (distinct problems)
+
+    def __post_init__(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(self.min_operands >= 2, "min_operands", f"must be >= 2, got {self.min_operands}")
+        need(self.max_operands >= self.min_operands, "max_operands",
+             f"must be >= min_operands={self.min_operands}, got {self.max_operands}")
+        need(self.max_operand >= 1, "max_operand", f"must be >= 1, got {self.max_operand}")
+        need(bool(self.ops) and set(self.ops) <= set("+-*"), "ops",
+             f"must be a non-empty string of '+', '-', '*', got {self.ops!r}")
+        need(0.0 < self.heldout_fraction < 1.0, "heldout_fraction",
+             f"must be in (0, 1), got {self.heldout_fraction}")
+        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
+        need(self.num_train >= 1, "num_train", f"must be >= 1, got {self.num_train}")
+        need(self.num_eval >= 1, "num_eval", f"must be >= 1, got {self.num_eval}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """A grain input pipeline: sources → rows → tokens → packed [batch, seq_len] numpy batches.
+
+    `kind` says what a row becomes: `pretrain` (a `text_field` document between bos and eos, loss
+    on every token), `sft` (`messages` or `prompt`/`completion`, loss on assistant tokens and the
+    closing eos) or `prompts` (RL prompts with gold answers, left-padded to `seq_len`).
+    `batch_size` is global: each of the `shard_count` processes yields `batch_size / shard_count`
+    rows. `shard_index`/`shard_count` default to the JAX process index and count.
+    """
+
+    kind: Literal["pretrain", "sft", "prompts"] = "pretrain"
+    # Files, globs (`data/*.jsonl`) or the built-in task (`task:train`, `task:eval`).
+    sources: tuple[str, ...] = ()
+    # Mixing proportions, one per source; null concatenates the sources instead.
+    weights: Optional[tuple[float, ...]] = None
+    # How to read files: by extension (.jsonl/.json, .parquet, .array_record) or this format for all.
+    format: Literal["auto", "jsonl", "parquet", "arrayrecord"] = "auto"
+    tokenizer: str = "builtin"  # "builtin", a tokenizer.json, or a directory holding one
+    seq_len: int = 256
+    batch_size: int = 8
+    packing: Literal["first_fit", "best_fit", "none"] = "first_fit"
+    # Examples longer than seq_len: cut into seq_len pieces (no tokens lost) or keep the first piece.
+    overlong: Literal["split", "truncate"] = "split"
+    text_field: str = "text"
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: Optional[int] = 1  # null: repeat forever
+    # The last partial batch: dropped, or filled up with empty rows (loss_mask 0) to keep shapes static.
+    drop_remainder: bool = True
+    on_bad_row: Literal["error", "skip"] = "error"
+    # grain worker processes (0: read and tokenize in this process). Rows are dealt out to workers,
+    # so the order, and which saved states can be restored, depend on this number.
+    worker_count: int = 0
+    read_threads: int = 2  # threads reading and tokenizing rows (in each worker)
+    shard_index: Optional[int] = None
+    shard_count: Optional[int] = None
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
+
+    def __post_init__(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(self.seq_len >= 2, "seq_len", f"must be >= 2, got {self.seq_len}")
+        need(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        need(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
+        need(self.num_epochs is None or self.num_epochs >= 1, "num_epochs",
+             f"must be null or >= 1, got {self.num_epochs}")
+        need(self.worker_count >= 0, "worker_count", f"must be >= 0, got {self.worker_count}")
+        need(self.read_threads >= 0, "read_threads", f"must be >= 0, got {self.read_threads}")
+        need(bool(self.text_field), "text_field", "must not be empty")
+        need((self.shard_index is None) == (self.shard_count is None), "shard_index",
+             "shard_index and shard_count are set together or not at all")
+        if self.shard_count is not None:
+            need(self.shard_count >= 1, "shard_count", f"must be >= 1, got {self.shard_count}")
+            need(0 <= self.shard_index < self.shard_count, "shard_index",
+                 f"must be in [0, shard_count={self.shard_count}), got {self.shard_index}")
+        for i, src in enumerate(self.sources):
+            need(bool(src.strip()), f"sources[{i}]", "must not be empty")
+            need(not src.startswith("task:") or src in ("task:train", "task:eval"), f"sources[{i}]",
+                 f"the built-in task is 'task:train' or 'task:eval', got {src!r}")
+        if self.weights is not None:
+            need(len(self.weights) == len(self.sources), "weights",
+                 f"one weight per source: {len(self.sources)} sources, {len(self.weights)} weights")
+            for i, w in enumerate(self.weights):
+                need(w > 0, f"weights[{i}]", f"must be positive, got {w}")
+
+
+# ---- training
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with warmup then cosine/linear decay (or constant), global-norm clipping, and gradient
+    accumulation over `grad_accum_steps` micro-batches of the global batch."""
+
+    learning_rate: float = 3e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    decay_steps: Optional[int] = None  # null: the run's total steps
+    min_lr_ratio: float = 0.1  # final lr = learning_rate * min_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip_norm: Optional[float] = 1.0  # null: no clipping
+    grad_accum_steps: int = 1
+
+    def __post_init__(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
+        need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        need(self.decay_steps is None or self.decay_steps > 0, "decay_steps", "must be null or positive")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        need(0 <= self.b1 < 1, "b1", f"must be in [0, 1), got {self.b1}")
+        need(0 <= self.b2 < 1, "b2", f"must be in [0, 1), got {self.b2}")
+        need(self.eps > 0, "eps", "must be positive")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm", "must be null or positive")
+        need(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")

@@ -1,0 +1,381 @@
+"""Training checkpoints: an orbax CheckpointManager around a TrainState.
+
+The state is a `flax.struct` dataclass with a `params` field (the model params pytree) and any other
+pytree fields (`step`, `opt_state`, `rng`, ...). Typed PRNG keys anywhere in it are stored as their raw
+key data and rewrapped on restore. Layout of one run's directory::
+
+    DIR/config.yaml                               the ModelConfig (when given): load_model(DIR) works
+    DIR/<step>/params/                            state.params, same format as a model checkpoint's
+    DIR/<step>/train_state/                       the rest of the state (params left out)
+    DIR/<step>/data_state/process_<i>-of-<n>.json each process's data-iterator state
+    DIR/<step>/_CHECKPOINT_METADATA               orbax's step metadata; `metadata=` goes in here
+
+Guarantees:
+- A step is written to `<step>.orbax-checkpoint-tmp-*` and renamed when every item is complete, so a
+  killed save leaves no step behind; orbax lists only complete steps and the leftovers are removed
+  when the next manager opens the directory. An existing step is never written again.
+- Old steps are deleted (keep the last `max_to_keep`, plus every `keep_period`-th) only after the new
+  step is complete, so the last good checkpoint survives a failed save.
+- Arrays are restored straight into the shardings of `abstract_state` (or `shardings`), whatever
+  mesh they were saved from.
+
+Multi-host: every process builds the manager and calls `save`, `restore`, `wait` and `close` at the
+same steps. orbax coordinates them: each process writes the shards it owns, process 0 commits the
+step and deletes old ones. `data_state` is per process, so a run restores its data position only with
+the same number of processes.
+
+Preemption: `install_sigterm_handler()` makes SIGTERM set a flag (`preemption_requested()`); `save`
+then writes whatever the step. Under `jax.distributed`, JAX's preemption service owns SIGTERM instead
+and agrees on a step with every host; orbax reads it (`reached_preemption`) and saves at that step.
+Call `save` every step, then stop when `reached_preemption(step)` and `wait()` before exiting.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+from r1jax.checkpoint.orbax_io import (CONFIG_FILE, PARAMS_ITEM, check_tree, flat_leaves, read_model_config,
+                                       write_model_config)
+from r1jax.config import ModelConfig
+from r1jax.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE_ITEM = "train_state"
+DATA_STATE_ITEM = "data_state"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often training checkpoints are written."""
+
+    directory: str
+    save_interval_steps: int = 1000
+    max_to_keep: int = 3
+    async_save: bool = True
+    keep_period: Optional[int] = None  # also keep every step that is a multiple of this
+
+    def __post_init__(self):
+        if not self.directory:
+            raise ConfigError("directory: must not be empty")
+        if self.save_interval_steps < 1:
+            raise ConfigError(f"save_interval_steps: must be >= 1, got {self.save_interval_steps}")
+        if self.max_to_keep < 1:
+            # The newest complete checkpoint must survive until a newer one is committed.
+            raise ConfigError(f"max_to_keep: must be >= 1, got {self.max_to_keep}")
+        if self.keep_period is not None and self.keep_period < 1:
+            raise ConfigError(f"keep_period: must be null or >= 1, got {self.keep_period}")
+
+
+# --------------------------------------------------------------------------- preemption
+
+_PREEMPTED = threading.Event()
+
+
+def install_sigterm_handler() -> bool:
+    """Make SIGTERM set the flag read by `preemption_requested()`. Call from the main thread.
+
+    With several processes nothing is installed (returns False): JAX's preemption service handles
+    SIGTERM there and makes every host save at the same step; a per-host flag would not.
+    """
+    if jax.process_count() > 1:
+        log.info("install_sigterm_handler: %d processes, leaving SIGTERM to JAX's preemption service",
+                 jax.process_count())
+        return False
+    signal.signal(signal.SIGTERM, lambda signum, frame: _PREEMPTED.set())
+    return True
+
+
+def preemption_requested() -> bool:
+    """True once SIGTERM arrived (after `install_sigterm_handler`)."""
+    return _PREEMPTED.is_set()
+
+
+# --------------------------------------------------------------------------- data-iterator state
+
+
+def _process_file() -> str:
+    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+
+def _encode_data_state(state) -> dict:
+    """JSON envelope: grain iterators give bytes (DataLoader) or a dict (Dataset API)."""
+    if state is None:
+        return {"kind": "none"}
+    if isinstance(state, (bytes, bytearray)):
+        return {"kind": "bytes", "base64": base64.b64encode(bytes(state)).decode("ascii")}
+    _check_json(state, "data_state")
+    return {"kind": "json", "value": state}
+
+
+def _decode_data_state(d: dict):
+    if d["kind"] == "bytes":
+        return base64.b64decode(d["base64"])
+    return d.get("value")
+
+
+def _check_json(value, what: str) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{what}: must be JSON-serializable ({e})") from None
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+    """Each process keeps its own file: every host reads a different shard of the data."""
+
+    def save(self, directory, args: "DataStateSave"):
+        (directory / _process_file()).write_text(json.dumps(args.state))
+
+    def restore(self, directory, args: "DataStateRestore | None" = None):
+        f = directory / _process_file()
+        if not f.exists():
+            raise CheckpointError(f"{f}: no data-iterator state for this process (was the checkpoint saved "
+                                  f"with a different number of processes?)")
+        return json.loads(f.read_text())
+
+    def metadata(self, directory):
+        return None
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+    state: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+    pass
+
+
+# --------------------------------------------------------------------------- typed PRNG keys
+
+
+def _is_key(x) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree):
+    # Typed key arrays have no storage dtype; their uint32 key data does.
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _key_impl(abstract_key):
+    """The PRNG implementation of a key, also of a ShapeDtypeStruct (key_impl wants a key array,
+    so ask it while tracing)."""
+    found = []
+    jax.eval_shape(lambda k: found.append(jax.random.key_impl(k)), abstract_key)
+    return found[0]
+
+
+def _data_to_keys(tree, abstract):
+    return jax.tree.map(lambda x, a: jax.random.wrap_key_data(x, impl=_key_impl(a)) if _is_key(a) else x,
+                        tree, abstract)
+
+
+# --------------------------------------------------------------------------- restore targets
+
+
+def _abstract_leaf(x, sharding=None) -> jax.ShapeDtypeStruct:
+    """Restore target of one leaf: its shape, dtype and sharding (given, its own, or the first local
+    device); typed keys become their raw key data."""
+    if sharding is None:
+        sharding = getattr(x, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shape, dtype = np.shape(x), getattr(x, "dtype", None)
+    if dtype is None:  # a Python scalar
+        dtype = np.asarray(x).dtype
+    if _is_key(x):
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))
+        shape, dtype = data.shape, data.dtype
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _targets(abstract_state, shardings):
+    if shardings is None:
+        return jax.tree.map(_abstract_leaf, abstract_state)
+    try:
+        return jax.tree.map(_abstract_leaf, abstract_state, shardings)
+    except ValueError as e:
+        raise CheckpointError(f"shardings: does not match the structure of abstract_state ({e})") from None
+
+
+def _split(state):
+    """(params, the rest with params=None): params get their own item, readable by load_model."""
+    if not (hasattr(state, "params") and hasattr(state, "replace")):
+        raise CheckpointError(f"state: expected a flax.struct dataclass with a `params` field, got "
+                              f"{type(state).__name__}")
+    return state.params, state.replace(params=None)
+
+
+def _architecture(cfg: ModelConfig) -> dict:
+    # The fields that shape the params and their meaning; dtype, dispatch and remat may change on resume.
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.metadata.get("hf", True) and f.name != "hf_extra"}
+
+
+# --------------------------------------------------------------------------- the manager
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    # Named items, so a fresh manager can read a step's metadata before anything was restored.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for item in (PARAMS_ITEM, TRAIN_STATE_ITEM):
+        registry.add(item, ocp.args.StandardSave)
+        registry.add(item, ocp.args.StandardRestore)
+    registry.add(DATA_STATE_ITEM, DataStateSave)
+    registry.add(DATA_STATE_ITEM, DataStateRestore)
+    return registry
+
+
+class CheckpointManager:
+    """Async, keep-N training checkpoints of (state, data_state) under `config.directory`."""
+
+    def __init__(self, config: CheckpointConfig, *, model_config: ModelConfig | None = None):
+        self.config = config
+        self.directory = Path(config.directory).absolute()
+        keep = [policies.LatestN(config.max_to_keep)]
+        if config.keep_period is not None:
+            keep.append(policies.EveryNSteps(config.keep_period))
+        options = ocp.CheckpointManagerOptions(
+            save_decision_policy=policies.AnySavePolicy(
+                [policies.FixedIntervalPolicy(config.save_interval_steps), policies.PreemptionCheckpointingPolicy()]),
+            preservation_policy=policies.AnyPreservationPolicy(keep),
+            enable_async_checkpointing=config.async_save,
+            cleanup_tmp_directories=True,
+        )
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
+        if model_config is not None:
+            self._check_model_config(model_config)
+
+    def _check_model_config(self, model_config: ModelConfig) -> None:
+        f = self.directory / CONFIG_FILE
+        if not f.exists():
+            if jax.process_index() == 0:
+                write_model_config(self.directory, model_config)
+            return
+        saved, now = _architecture(read_model_config(self.directory)), _architecture(model_config)
+        for key in saved:
+            if saved[key] != now[key]:
+                raise CheckpointError(f"{f}: checkpoints here are of a different model ({key}: {saved[key]!r} "
+                                      f"in the directory, {now[key]!r} in the config)")
+
+    # ------------------------------------------------------------------ queries
+    def all_steps(self) -> list[int]:
+        """Steps with a complete (or, while an async save runs, committing) checkpoint, ascending."""
+        return sorted(self._mngr.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step, ...)` would write: on the interval, or at a preemption."""
+        return preemption_requested() or self._mngr.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the run should save now and stop (SIGTERM here, or orbax/JAX preemption sync)."""
+        return preemption_requested() or self._mngr.reached_preemption(step)
+
+    def metadata(self, step: int) -> dict:
+        """The `metadata` dict saved with `step`."""
+        return dict(self._mngr.metadata(step).custom_metadata or {})
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, state, data_state=None, *, metadata: dict | None = None, force: bool = False) -> bool:
+        """Start writing `state` (+ data_state, metadata) as `step`; returns whether a save started.
+
+        Async by default: device arrays are copied to host before this returns, so the caller may
+        donate or overwrite them; the files are written in the background (see `wait`).
+        """
+        step = int(step)
+        latest = self.latest_step()
+        if latest is not None and step < latest:
+            raise CheckpointError(f"{self.directory}: step {step} is older than the latest checkpoint "
+                                  f"(step {latest}); move the newer steps away to branch from an old one")
+        if step == latest:
+            return False  # already saved (typically: the step a run resumed from); never overwritten
+        if not (force or self.should_save(step)):
+            return False
+        data = _encode_data_state(data_state)
+        if metadata is not None:
+            _check_json(metadata, "metadata")
+        params, rest = _split(_keys_to_data(state))
+        args = ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardSave(params),
+            TRAIN_STATE_ITEM: ocp.args.StandardSave(rest),
+            DATA_STATE_ITEM: DataStateSave(data),
+        })
+        # should_save was decided above (with our SIGTERM flag added), so orbax need not re-decide.
+        return self._mngr.save(step, args=args, force=True, custom_metadata=metadata)
+
+    def wait(self) -> None:
+        """Block until the last save is committed (and old steps deleted); raise its error, if any."""
+        self._mngr.wait_until_finished()
+        self._mngr.check_for_errors()
+
+    # ------------------------------------------------------------------ restore
+    def _resolve_step(self, step: int | None) -> int:
+        steps = self.all_steps()
+        if step is None:
+            if not steps:
+                raise CheckpointError(f"{self.directory}: no complete checkpoint to restore")
+            return steps[-1]
+        if step not in steps:
+            raise CheckpointError(f"{self.directory}: no complete checkpoint at step {step} (have {steps})")
+        return step
+
+    def _check_step(self, step: int, targets: dict) -> None:
+        """Compare every item's leaves with orbax's metadata before reading any array."""
+        found = self._mngr.item_metadata(step)
+        for item, target in targets.items():
+            where = f"{self.directory}/{step}/{item}"
+            tree = getattr(found.get(item), "tree", None)
+            if tree is None:
+                raise CheckpointError(f"{where}: missing or unreadable")
+            check_tree(flat_leaves(target), flat_leaves(tree), where)
+
+    def restore(self, step: int | None = None, *, abstract_state, shardings=None):
+        """(state, data_state) of `step` (default: the latest complete one).
+
+        `abstract_state` gives the structure, shapes, dtypes (arrays are cast) and, where its leaves
+        carry one, the sharding; `shardings` (a pytree of jax.sharding.Sharding of the same structure)
+        overrides it. Leaves with neither land on the first local device.
+        """
+        self.wait()
+        step = self._resolve_step(step)
+        params_target, rest_target = _split(_targets(abstract_state, shardings))
+        self._check_step(step, {PARAMS_ITEM: params_target, TRAIN_STATE_ITEM: rest_target})
+        restored = self._mngr.restore(step, args=ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardRestore(params_target),
+            TRAIN_STATE_ITEM: ocp.args.StandardRestore(rest_target),
+            DATA_STATE_ITEM: DataStateRestore(),
+        }))
+        state = restored[TRAIN_STATE_ITEM].replace(params=restored[PARAMS_ITEM])
+        return _data_to_keys(state, abstract_state), _decode_data_state(restored[DATA_STATE_ITEM])
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Wait for the last save, then release orbax's threads."""
+        self._mngr.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,245 @@
+"""Model-only r1jax checkpoints: `config.yaml` (the ModelConfig) beside an orbax params tree.
+
+Layout of a model checkpoint directory::
+
+    DIR/config.yaml      ModelConfig as YAML (r1jax.config.to_dict)
+    DIR/params/          orbax StandardCheckpointer tree, one leaf per entry of param_table(cfg)
+
+`load_model` also reads a training checkpoint directory written by `CheckpointManager`
+(`DIR/config.yaml` + `DIR/<step>/params/` + ...), taking the params of the latest complete step.
+
+Every leaf is checked against `param_shapes(cfg)` from orbax's metadata before any array is read, so
+a checkpoint that does not fit its config fails fast with the leaf's path in the message.
+
+Multi-host: every process calls `save_model` / `load_model` with the same arguments; orbax writes
+each array shard once, process 0 writes config.yaml and publishes the directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+import yaml
+
+from r1jax.config import ModelConfig, from_dict, to_dict
+from r1jax.errors import CheckpointError, ConfigError
+from r1jax.model.params import param_shapes
+
+CONFIG_FILE = "config.yaml"
+PARAMS_ITEM = "params"  # the params subdirectory, in model and training checkpoints alike
+
+_barrier_ids = itertools.count()
+
+
+# --------------------------------------------------------------------------- leaf names and checks
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_name(path) -> str:
+    """Dotted leaf path, the same spelling orbax uses in its metadata ('moe_layers.attn.q_b')."""
+    return ".".join(_key_name(k) for k in path)
+
+
+def flat_leaves(tree) -> dict:
+    """{dotted leaf path: leaf}; empty nodes (None, EmptyState()) have no leaves and are left out."""
+    return {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _fmt(shape) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def check_tree(expected: dict, found: dict, where: str, *, check_dtype: bool = False) -> None:
+    """Compare {path: array-like} maps: same leaves, same shapes (and dtypes). Raise naming the leaf."""
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        e = expected[missing[0]]
+        raise CheckpointError(f"{where}: missing leaf '{missing[0]}' (expected {_fmt(e.shape)} {jnp.dtype(e.dtype)})"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        raise CheckpointError(f"{where}: unexpected leaf '{extra[0]}' that the target does not define"
+                              + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for name, e in expected.items():
+        f = found[name]
+        if tuple(f.shape) != tuple(e.shape):
+            raise CheckpointError(f"{where}: leaf '{name}' has shape {_fmt(f.shape)}, expected {_fmt(e.shape)}")
+        if check_dtype and jnp.dtype(f.dtype) != jnp.dtype(e.dtype):
+            raise CheckpointError(f"{where}: leaf '{name}' has dtype {jnp.dtype(f.dtype)}, expected "
+                                  f"{jnp.dtype(e.dtype)}")
+
+
+def _metadata_leaves(handler: ocp.StandardCheckpointHandler, directory: Path) -> dict:
+    """{leaf path: ArrayMetadata} of an orbax tree, read without touching the arrays."""
+    try:
+        tree_metadata = handler.metadata(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise CheckpointError(f"{directory}: orbax metadata is missing or unreadable ({e})") from None
+    return flat_leaves(tree_metadata.tree)
+
+
+# --------------------------------------------------------------------------- config.yaml
+
+
+def write_model_config(directory, config: ModelConfig) -> None:
+    """Write DIR/config.yaml atomically (a reader never sees half a file)."""
+    directory = Path(directory)
+    tmp = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    os.replace(tmp, directory / CONFIG_FILE)
+
+
+def read_model_config(directory) -> ModelConfig:
+    """ModelConfig from DIR/config.yaml; unknown keys and bad values name the file and the key."""
+    f = Path(directory) / CONFIG_FILE
+    try:
+        d = yaml.safe_load(f.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE} (not an r1jax checkpoint directory)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{f}: not valid YAML: {e}") from None
+    try:
+        return from_dict(ModelConfig, d if d is not None else {})
+    except ConfigError as e:
+        raise ConfigError(f"{f}: {e}") from None
+
+
+# --------------------------------------------------------------------------- where the params live
+
+
+def _training_steps(path: Path) -> list[int]:
+    # orbax lists only finalized steps: a `<step>.orbax-checkpoint-tmp-*` left by a killed save is skipped.
+    return sorted(ocp.utils.checkpoint_steps(path))
+
+
+def is_model_checkpoint(path) -> bool:
+    """True for an r1jax model checkpoint or a training checkpoint directory (both hold config.yaml)."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file():
+        return False
+    return (path / PARAMS_ITEM).is_dir() or bool(_training_steps(path))
+
+
+def _params_dir(path: Path) -> Path:
+    """params/ of a model checkpoint, or of the latest complete step of a training checkpoint."""
+    if (path / PARAMS_ITEM).is_dir():
+        return path / PARAMS_ITEM
+    steps = _training_steps(path)
+    if not steps:
+        raise CheckpointError(f"{path}: has {CONFIG_FILE} but neither {PARAMS_ITEM}/ nor a complete training step")
+    return path / str(steps[-1]) / PARAMS_ITEM
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _default_sharding():
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _restore_target(cfg: ModelConfig, mesh, shardings):
+    """param_shapes(cfg) with a sharding on every leaf, so orbax reads each shard straight into place."""
+    shapes = param_shapes(cfg)
+    if shardings is None and mesh is not None:
+        from r1jax.parallel.rules import param_shardings
+
+        shardings = param_shardings(cfg, mesh)
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: _default_sharding(), shapes)
+    try:
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    except ValueError as e:
+        raise CheckpointError(f"shardings: does not match the params tree of the config ({e})") from None
+
+
+def load_model(path, *, dtype=None, mesh=None, shardings=None):
+    """(ModelConfig, params) from a model checkpoint or the latest step of a training checkpoint.
+
+    dtype converts every parameter but the fp32 router bias (the config's dtype and param_dtype follow,
+    as for a Hugging Face load). With `mesh` (or an explicit `shardings` pytree of jax.sharding.Sharding)
+    each array is restored directly into its sharding; otherwise onto the first local device.
+    """
+    path = Path(path)
+    cfg = read_model_config(path)
+    if dtype is not None:
+        name = jnp.dtype(dtype).name
+        cfg = cfg.replace(dtype=name, param_dtype=name)
+    params_dir = _params_dir(path)
+    # Both kinds of params/ are StandardCheckpointHandler directories, so the handler reads either; a
+    # Checkpointer would also look for step metadata, which a training step keeps one level up.
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        check_tree(flat_leaves(param_shapes(cfg)), _metadata_leaves(handler, params_dir), str(params_dir))
+        params = handler.restore(params_dir, args=ocp.args.StandardRestore(_restore_target(cfg, mesh, shardings)))
+    finally:
+        handler.close()
+    return cfg, params
+
+
+# --------------------------------------------------------------------------- save
+
+
+def _is_primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(what: str) -> None:
+    # Barrier names must be unique per call; every process calls in the same order.
+    ocp.multihost.sync_global_processes(f"r1jax_orbax_io_{what}_{next(_barrier_ids)}")
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst}: exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise CheckpointError(f"{dst}: already exists and is not empty (pass overwrite=True)")
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    """Move the finished tmp directory into place; an old dst is only removed once the new one is there."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
+def save_model(path, config: ModelConfig, params, *, overwrite: bool = False) -> Path:
+    """Write config.yaml + params/ to `path`; the directory appears only once complete."""
+    dst = Path(path)
+    where = f"{dst}: params (config param_dtype={config.param_dtype})"
+    check_tree(flat_leaves(param_shapes(config)), flat_leaves(params), where, check_dtype=True)
+    _check_destination(dst, overwrite)
+    # The name is the same on every process, so all of them write into the one directory.
+    tmp = dst.with_name(f".{dst.name}.r1jax-tmp")
+    if _is_primary():
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier, killed save
+        tmp.mkdir(parents=True)
+    _sync("save_model_start")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS_ITEM, params)
+            ckptr.wait_until_finished()
+        if _is_primary():
+            write_model_config(tmp, config)
+            _publish(tmp, dst)
+    except BaseException:
+        if _is_primary():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _sync("save_model_done")
+    return dst

@@ -1,0 +1,260 @@
+"""Random-access data sources for grain: jsonl, parquet, ArrayRecord and the built-in task.
+
+Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`) whose items are `Row`s:
+the record (raw bytes to parse, or an already-decoded dict) and where it came from (`file:line`), so
+a bad row can be reported exactly, however far downstream it is found. Sources hold no open file
+handles when pickled, so grain worker processes reopen them.
+
+- jsonl: one scan at open time records where each non-blank line starts and ends (numpy, in 16 MiB
+  blocks; the file is never held in memory); a row is one `os.pread`.
+- parquet (needs `pyarrow`): random access by row group, the last few row groups decoded cached.
+  A global shuffle over files with large row groups decodes a row group per row; convert large
+  corpora to ArrayRecord for shuffled reading.
+- ArrayRecord: grain's own `ArrayRecordDataSource`; each record is one UTF-8 JSON object.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import threading
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grain
+import numpy as np
+
+from r1jax.config import TaskConfig
+from r1jax.data import tasks
+from r1jax.data.tokenizer import BOS, render_chat
+from r1jax.errors import DataError
+
+_BLOCK = 16 << 20
+
+
+class Row(NamedTuple):
+    where: str  # "path:line", "path:record 7", "task:train:12"
+    record: Any  # bytes (JSON text) or a dict
+
+
+# --------------------------------------------------------------------------- jsonl
+
+
+def _line_spans(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(starts, lengths, line_numbers) of a file's non-blank lines; line_numbers is None when no
+    line is blank (row i is line i+1). 12 bytes a row."""
+    newlines = []
+    with open(path, "rb") as f:
+        base = 0
+        while block := f.read(_BLOCK):
+            newlines.append(np.flatnonzero(np.frombuffer(block, np.uint8) == 0x0A) + base)
+            base += len(block)
+    nl = np.concatenate(newlines) if newlines else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], nl + 1]).astype(np.int64)
+    lengths = (np.concatenate([nl, [base]]) - starts).astype(np.int32)
+    keep = lengths > 0
+    # Lines of one or two bytes may be whitespace only ("\r", " "); look at those few directly.
+    short = np.flatnonzero(keep & (lengths <= 2))
+    if len(short):
+        with open(path, "rb") as f:
+            for i in short:
+                f.seek(starts[i])
+                keep[i] = bool(f.read(lengths[i]).strip())
+    if keep.all():
+        return starts, lengths, None
+    return starts[keep], lengths[keep], np.flatnonzero(keep) + 1
+
+
+class JsonlSource:
+    """Lines of a jsonl file, read on demand with `os.pread` (thread safe, no shared file offset).
+
+    The index costs 12 bytes a row in each process that reads (worker processes hold a copy);
+    for corpora of hundreds of millions of rows prefer ArrayRecord."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        try:
+            self._starts, self._lengths, self._lines = _line_spans(self.path)
+        except OSError as e:
+            raise DataError(f"{self.path}: cannot read: {e.strerror}") from None
+        self._reset()
+
+    def _reset(self):
+        # Opened on first read: a glob may name thousands of files, most not read for a while.
+        self._fd, self._lock = None, threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def __getitem__(self, i: int) -> Row:
+        if self._fd is None:
+            with self._lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+        line = i + 1 if self._lines is None else int(self._lines[i])
+        return Row(f"{self.path}:{line}", os.pread(self._fd, int(self._lengths[i]), int(self._starts[i])))
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+    def __repr__(self) -> str:
+        return f"JsonlSource({self.path!r}, rows={len(self)})"
+
+
+# --------------------------------------------------------------------------- parquet
+
+
+class ParquetSource:
+    """Rows of a parquet file as dicts, by row group, with a small cache of decoded row groups."""
+
+    def __init__(self, path: str, cache_row_groups: int = 4):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        self.path = str(path)
+        try:
+            meta = pq.ParquetFile(self.path).metadata
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for bad files
+            raise DataError(f"{self.path}: not a readable parquet file: {e}") from None
+        sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._cache_size = cache_row_groups
+        self._reset()
+
+    def _reset(self):
+        self._file = None
+        self._lock = threading.Lock()
+        self._row_group = functools.lru_cache(self._cache_size)(self._read_row_group)
+
+    def _read_row_group(self, g: int) -> list[dict]:
+        if self._file is None:
+            import pyarrow.parquet as pq
+
+            self._file = pq.ParquetFile(self.path)
+        return self._file.read_row_group(g).to_pylist()
+
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    def __getitem__(self, i: int) -> Row:
+        g = int(np.searchsorted(self._offsets, i, side="right")) - 1
+        with self._lock:  # one ParquetFile, several reader threads
+            rows = self._row_group(g)
+        return Row(f"{self.path}:row {i}", rows[i - int(self._offsets[g])])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for k in ("_file", "_lock", "_row_group"):
+            state.pop(k)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset()
+
+    def __repr__(self) -> str:
+        return f"ParquetSource({self.path!r}, rows={len(self)})"
+
+
+# --------------------------------------------------------------------------- ArrayRecord
+
+
+class ArrayRecordSource:
+    """Records of one ArrayRecord file (grain's reader); each record is JSON text."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        try:
+            self._source = grain.sources.ArrayRecordDataSource([self.path])
+        except Exception as e:  # array_record raises RuntimeError/ValueError for bad files
+            raise DataError(f"{self.path}: not a readable ArrayRecord file: {e}") from None
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, i: int) -> Row:
+        return Row(f"{self.path}:record {i}", self._source[i])
+
+    def __repr__(self) -> str:
+        return f"ArrayRecordSource({self.path!r}, rows={len(self)})"
+
+
+# --------------------------------------------------------------------------- the built-in task
+
+
+class TaskSource:
+    """Rows of the built-in arithmetic task, carrying every field a pipeline kind reads:
+    `text` (pretrain), `messages` / `prompt` + `completion` (SFT), `prompt` + `answer` (RL)."""
+
+    def __init__(self, cfg: TaskConfig, split: str):
+        self.cfg, self.split = cfg, split
+        # The held-out set is a fixed list of distinct problems; train rows are drawn on demand.
+        self._fixed = tasks.problems(cfg, split, cfg.num_eval) if split == "eval" else None
+
+    def __len__(self) -> int:
+        return self.cfg.num_eval if self.split == "eval" else self.cfg.num_train
+
+    def problem(self, i: int) -> tasks.Problem:
+        return self._fixed[i] if self._fixed is not None else tasks.generate(self.cfg, self.split, i)
+
+    def __getitem__(self, i: int) -> Row:
+        p = self.problem(i)
+        record = {
+            "id": p.id, "prompt": p.question, "completion": p.gold_completion(), "answer": p.answer,
+            "messages": p.sft_messages(),
+            # As a plain document: the chat string without bos (pretraining adds bos and eos).
+            "text": render_chat(p.sft_messages()).removeprefix(BOS),
+        }
+        return Row(f"task:{self.split}:{i}", record)
+
+    def __repr__(self) -> str:
+        return f"TaskSource({self.split!r}, rows={len(self)}, {self.cfg})"
+
+
+# --------------------------------------------------------------------------- opening sources
+
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".array_record": "arrayrecord",
+               ".arrayrecord": "arrayrecord"}
+_READERS = {"jsonl": JsonlSource, "parquet": ParquetSource, "arrayrecord": ArrayRecordSource}
+
+
+def expand(spec: str) -> list[str]:
+    """A path or glob → sorted matching files; DataError when nothing matches."""
+    if glob.has_magic(spec):
+        files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        if not files:
+            raise DataError(f"{spec}: no files match")
+        return files
+    if not os.path.isfile(spec):
+        raise DataError(f"{spec}: no such file")
+    return [spec]
+
+
+def format_of(path: str, fmt: str = "auto") -> str:
+    """The reader for a file: `fmt` if given, else by extension."""
+    if fmt != "auto":
+        return fmt
+    if path.endswith((".gz", ".zst", ".bz2", ".xz")):
+        raise DataError(f"{path}: compressed files have no random access; decompress it or convert to ArrayRecord")
+    ext = Path(path).suffix
+    if ext not in _EXTENSIONS:
+        raise DataError(f"{path}: unknown file type {ext!r}; expected one of {sorted(_EXTENSIONS)} "
+                        "or set data.format")
+    return _EXTENSIONS[ext]
+
+
+def open_source(spec: str, *, fmt: str = "auto", task: TaskConfig | None = None) -> list:
+    """One `sources` entry → its random-access sources (one per file; one for `task:*`)."""
+    if spec.startswith("task:"):
+        return [TaskSource(task or TaskConfig(), spec.removeprefix("task:"))]
+    return [_READERS[format_of(f, fmt)](f) for f in expand(spec)]

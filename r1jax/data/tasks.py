@@ -1,0 +1,189 @@
+"""The built-in verifiable task: multi-step integer arithmetic, e.g. `3+4*5-2=?` → 21.
+
+Problems are a pure function of (TaskConfig, split, index), so any row can be produced in any order
+(grain random access) and every run sees the same data. An expression belongs to the held-out split
+when a hash of its text falls in the first `heldout_fraction` of the hash range: train and held-out
+are disjoint by construction, for every seed. The gold chain of thought reduces the expression one
+operation at a time, multiplications first, in the R1 format:
+
+    <think>
+    3+4*5-2
+    =3+20-2
+    =23-2
+    =21
+    </think>
+
+    <answer>21</answer>
+
+Each line is the previous one with a single operation on small numbers done, which a tiny model can
+partly learn in minutes; the long tail (carries, negative results) leaves room for RL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+
+import numpy as np
+
+from r1jax.config import TaskConfig
+from r1jax.data.tokenizer import ANSWER_CLOSE, ANSWER_OPEN, EOS, THINK_CLOSE, THINK_OPEN
+from r1jax.errors import ConfigError
+
+SPLITS = {"train": 0, "eval": 1}
+_HASH_BUCKETS = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One task instance. `steps[0]` is the expression, `steps[-1]` the answer."""
+
+    id: str
+    steps: tuple[str, ...]
+
+    @property
+    def expression(self) -> str:
+        return self.steps[0]
+
+    @property
+    def answer(self) -> str:
+        return self.steps[-1]
+
+    @property
+    def question(self) -> str:
+        return f"{self.expression}=?"
+
+    def messages(self) -> list[dict]:
+        """The prompt as chat messages (one user turn)."""
+        return [{"role": "user", "content": self.question}]
+
+    def gold_completion(self) -> str:
+        """The assistant turn in R1 format: reasoning inside <think>, then the tagged answer."""
+        chain = "\n=".join(self.steps)
+        return f"{THINK_OPEN}\n{chain}\n{THINK_CLOSE}\n\n{ANSWER_OPEN}{self.answer}{ANSWER_CLOSE}"
+
+    def sft_messages(self) -> list[dict]:
+        return self.messages() + [{"role": "assistant", "content": self.gold_completion()}]
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def split_of(expression: str, heldout_fraction: float) -> str:
+    """'eval' or 'train' from a stable hash of the expression text (crc32, not Python's hash)."""
+    bucket = zlib.crc32(expression.encode()) % _HASH_BUCKETS
+    return "eval" if bucket < heldout_fraction * _HASH_BUCKETS else "train"
+
+
+def _draw(cfg: TaskConfig, rng: np.random.Generator) -> list:
+    """Random token list [n0, op, n1, op, n2, ...]."""
+    n = int(rng.integers(cfg.min_operands, cfg.max_operands + 1))
+    nums = rng.integers(0, cfg.max_operand + 1, size=n)
+    ops = rng.choice(list(cfg.ops), size=n - 1)
+    tokens: list = [int(nums[0])]
+    for op, x in zip(ops, nums[1:]):
+        tokens += [str(op), int(x)]
+    return tokens
+
+
+def _text(tokens: list) -> str:
+    return "".join(str(t) for t in tokens)
+
+
+def reduce_steps(tokens: list) -> tuple[str, ...]:
+    """Evaluate one operation at a time (leftmost `*`, else leftmost `+`/`-`); each state as text."""
+    steps = [_text(tokens)]
+    tokens = list(tokens)
+    while len(tokens) > 1:
+        i = tokens.index("*") if "*" in tokens else 1
+        a, op, b = tokens[i - 1: i + 2]
+        value = a * b if op == "*" else a + b if op == "+" else a - b
+        tokens[i - 1: i + 2] = [value]
+        steps.append(_text(tokens))
+    return tuple(steps)
+
+
+def generate(cfg: TaskConfig, split: str, index: int) -> Problem:
+    """Problem `index` of `split` (train: drawn with replacement; see `problems` for distinct ones)."""
+    if split not in SPLITS:
+        raise ConfigError(f"split: expected one of {list(SPLITS)}, got {split!r}")
+    rng = np.random.default_rng([cfg.seed, SPLITS[split], index])
+    # A split holding a share p of the expressions needs 1/p draws on average; after 50/p draws
+    # (failure odds e^-50 when the split is not empty) it is taken to be empty.
+    attempts = int(50 / min(cfg.heldout_fraction, 1 - cfg.heldout_fraction))
+    for _ in range(attempts):
+        tokens = _draw(cfg, rng)
+        if split_of(_text(tokens), cfg.heldout_fraction) == split:
+            return Problem(id=f"arith/{split}/{index}", steps=reduce_steps(tokens))
+    raise ConfigError(f"task: no {split} expression found in {attempts} draws; "
+                      "raise max_operand/max_operands or heldout_fraction")
+
+
+def problems(cfg: TaskConfig, split: str, n: int) -> list[Problem]:
+    """The first `n` problems of a split; the held-out split has no repeats (a fixed eval set)."""
+    if split == "train":
+        return [generate(cfg, split, i) for i in range(n)]
+    out, seen, index = [], set(), 0
+    while len(out) < n:
+        if index >= n * 50:
+            raise ConfigError(f"task.num_eval: only {len(out)} distinct held-out problems found "
+                              f"for {n} requested; make the task larger or ask for fewer")
+        p = generate(cfg, split, index)
+        index += 1
+        if p.expression not in seen:
+            seen.add(p.expression)
+            out.append(dataclasses.replace(p, id=f"arith/{split}/{len(out)}"))
+    return out
+
+
+# --------------------------------------------------------------------------- verification
+
+_ANSWER_TAG = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.S)
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}`, braces matched."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_answer(completion: str) -> str | None:
+    """The final answer of a completion: the last <answer>…</answer>, else the last \\boxed{…},
+    else the text after the last </think>. None when there is none (malformed completion)."""
+    text = completion.split(EOS)[0]
+    tagged = _ANSWER_TAG.findall(text)
+    if tagged:
+        found = tagged[-1]
+    elif (boxed := _last_boxed(text)) is not None:
+        found = boxed
+    elif THINK_CLOSE in text:
+        found = text.split(THINK_CLOSE)[-1]
+    else:
+        return None
+    found = found.strip()
+    return found or None
+
+
+def answers_match(gold: str, answer: str) -> bool:
+    """Integers compare as integers (`+7` == `7`); anything else as whitespace-normalized text."""
+    gold, answer = gold.strip(), answer.strip()
+    if _INTEGER.fullmatch(gold):
+        return _INTEGER.fullmatch(answer) is not None and int(answer) == int(gold)
+    return " ".join(gold.split()) == " ".join(answer.split())
+
+
+def verify(problem: Problem | str, completion: str) -> bool:
+    """Whether `completion` (the text generated after the prompt) ends with the right answer.
+    `problem` is a Problem or a gold answer string."""
+    gold = problem.answer if isinstance(problem, Problem) else str(problem)
+    answer = extract_answer(completion)
+    return answer is not None and answers_match(gold, answer)
