@@ -13,6 +13,7 @@ import math
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
@@ -123,6 +124,12 @@ def _coerce(value, tp, path: str):
             raise ConfigError(f"{path}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `3e-3` (no dot) as a string; accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected float, got {value!r}")
         return float(value)
@@ -218,9 +225,43 @@ def read_yaml(path) -> dict:
     return d
 
 
+def _resolve_includes(d, cls, base: Path, path: str):
+    """A dataclass-typed field may name a YAML file (`model: configs/model/tiny_v3.yaml`), looked
+    up beside the including file, then from the working directory. Resolved before overrides, so
+    `model.num_hidden_layers=2` reaches inside it."""
+    if not isinstance(d, dict) or not dataclasses.is_dataclass(cls):
+        return d
+    hints = typing.get_type_hints(cls)
+    out = dict(d)
+    for key, value in d.items():
+        tp = hints.get(key)
+        if tp is None:
+            continue
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)] or [tp]
+        sub = inner[0]
+        if not dataclasses.is_dataclass(sub):
+            continue
+        if isinstance(value, str) and value.endswith((".yaml", ".yml")):
+            candidates = [base / value, Path(value)]
+            found = next((c for c in candidates if c.exists()), None)
+            if found is None:
+                raise ConfigError(f"{path}{key}: included file {value!r} not found (looked in {base} and the "
+                                  f"working directory)")
+            out[key] = _resolve_includes(read_yaml(found), sub, found.parent, f"{path}{key}.")
+        elif isinstance(value, dict):
+            out[key] = _resolve_includes(value, sub, base, f"{path}{key}.")
+    return out
+
+
+def load_dict(cls, path, overrides: list[str] = ()) -> dict:
+    """The YAML file as a dict with includes resolved and overrides applied."""
+    d = _resolve_includes(read_yaml(path), cls, Path(path).parent, "")
+    return apply_overrides(d, list(overrides))
+
+
 def load(cls, path, overrides: list[str] = ()):
     """Load dataclass `cls` from a YAML file plus dotted overrides."""
-    return from_dict(cls, apply_overrides(read_yaml(path), list(overrides)))
+    return from_dict(cls, load_dict(cls, path, overrides))
 
 
 # --------------------------------------------------------------------------- the model
@@ -636,3 +677,88 @@ class OptimizerConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm", "must be null or positive")
         need(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Where and how often training checkpoints are written."""
+
+    directory: str = ""  # empty: <out_dir>/checkpoints
+    save_interval_steps: int = 1000
+    max_to_keep: int = 3
+    async_save: bool = True
+    keep_period: Optional[int] = None  # also keep every step that is a multiple of this
+
+    def __post_init__(self):
+        if self.save_interval_steps < 1:
+            raise ConfigError(f"save_interval_steps: must be >= 1, got {self.save_interval_steps}")
+        if self.max_to_keep < 1:
+            # The newest complete checkpoint must survive until a newer one is committed.
+            raise ConfigError(f"max_to_keep: must be >= 1, got {self.max_to_keep}")
+        if self.keep_period is not None and self.keep_period < 1:
+            raise ConfigError(f"keep_period: must be null or >= 1, got {self.keep_period}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run (pre-training or SFT): model, data, optimizer, checkpoints, cadence.
+
+    `model` is the architecture and execution choices; with `init_from` (a HF directory or an r1jax
+    checkpoint) the architecture comes from there and `model` may only change execution fields
+    (dtype, moe_dispatch, capacity_factor, remat_policy).
+    """
+
+    stage: Literal["pretrain", "sft"] = "pretrain"
+    model: Optional[ModelConfig] = None
+    init_from: Optional[str] = None
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval_data: Optional[DataConfig] = None
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    steps: int = 1000
+    seed: int = 0
+    out_dir: str = "runs/train"
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end (when eval_data is set)
+    eval_batches: int = 8
+    mtp_loss_weight: float = 0.3  # λ (V3 §2.2); divided over the MTP depth
+    balance_loss_alpha: float = 1e-4  # α of the sequence-wise balance loss (V3 §2.1.2)
+    router_bias_update_rate: float = 0.001  # γ of the aux-loss-free bias update; 0 disables it
+    peak_flops_per_device: Optional[float] = None  # for MFU; null: measured matmul rate on CPU, else omitted
+    progress: bool = True
+
+    def __post_init__(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(self.model is not None or self.init_from is not None, "model",
+             "required (a mapping, or a YAML file) unless init_from names a checkpoint")
+        need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        need(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
+        need(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")
+        need(self.mtp_loss_weight >= 0, "mtp_loss_weight", "must be >= 0")
+        need(self.balance_loss_alpha >= 0, "balance_loss_alpha", "must be >= 0")
+        need(self.router_bias_update_rate >= 0, "router_bias_update_rate", "must be >= 0")
+        need(bool(self.out_dir), "out_dir", "must not be empty")
+        expected_kind = {"pretrain": "pretrain", "sft": "sft"}[self.stage]
+        need(self.data.kind == expected_kind, "data.kind",
+             f"stage {self.stage!r} trains on kind {expected_kind!r} data, got {self.data.kind!r}")
+        need(self.data.batch_size % self.optimizer.grad_accum_steps == 0, "optimizer.grad_accum_steps",
+             f"must divide data.batch_size ({self.data.batch_size}), got {self.optimizer.grad_accum_steps}")
+        if self.eval_data is not None:
+            need(self.eval_data.kind == self.data.kind, "eval_data.kind", f"must equal data.kind ({self.data.kind!r})")
+
+
+# stage name -> config class (`r1jax train` reads `stage` first).
+STAGES = {"pretrain": TrainConfig, "sft": TrainConfig}
+
+
+def load_stage(path, overrides: list[str] = ()):
+    """Load any stage's config: the `stage` key picks the dataclass."""
+    d = read_yaml(path)
+    stage = apply_overrides({"stage": d.get("stage")}, [o for o in overrides if o.startswith("stage=")])["stage"]
+    if stage not in STAGES:
+        raise ConfigError(f"stage: must be one of {sorted(STAGES)}, got {stage!r}")
+    return load(STAGES[stage], path, overrides)

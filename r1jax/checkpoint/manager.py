@@ -48,35 +48,13 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from r1jax.checkpoint.orbax_io import (CONFIG_FILE, PARAMS_ITEM, check_tree, flat_leaves, read_model_config,
                                        write_model_config)
-from r1jax.config import ModelConfig
+from r1jax.config import CheckpointConfig, ModelConfig
 from r1jax.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
 TRAIN_STATE_ITEM = "train_state"
 DATA_STATE_ITEM = "data_state"
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    """Where and how often training checkpoints are written."""
-
-    directory: str
-    save_interval_steps: int = 1000
-    max_to_keep: int = 3
-    async_save: bool = True
-    keep_period: Optional[int] = None  # also keep every step that is a multiple of this
-
-    def __post_init__(self):
-        if not self.directory:
-            raise ConfigError("directory: must not be empty")
-        if self.save_interval_steps < 1:
-            raise ConfigError(f"save_interval_steps: must be >= 1, got {self.save_interval_steps}")
-        if self.max_to_keep < 1:
-            # The newest complete checkpoint must survive until a newer one is committed.
-            raise ConfigError(f"max_to_keep: must be >= 1, got {self.max_to_keep}")
-        if self.keep_period is not None and self.keep_period < 1:
-            raise ConfigError(f"keep_period: must be null or >= 1, got {self.keep_period}")
 
 
 # --------------------------------------------------------------------------- preemption
@@ -248,6 +226,8 @@ class CheckpointManager:
     """Async, keep-N training checkpoints of (state, data_state) under `config.directory`."""
 
     def __init__(self, config: CheckpointConfig, *, model_config: ModelConfig | None = None):
+        if not config.directory:
+            raise ConfigError("checkpoint.directory: must not be empty")
         self.config = config
         self.directory = Path(config.directory).absolute()
         keep = [policies.LatestN(config.max_to_keep)]

@@ -181,9 +181,14 @@ def param_shapes(cfg: ModelConfig):
                         is_leaf=is_spec)
 
 
-def init_params(cfg: ModelConfig, key: jax.Array) -> dict:
-    """Random params. Each leaf's key is folded from its path, so adding a parameter elsewhere does
-    not change the others' values."""
+def init_params(cfg: ModelConfig, key: jax.Array, out_shardings=None) -> dict:
+    """Random params, built in one compiled computation (and directly into `out_shardings` when
+    given, so a large model is never materialized on one device). Each leaf's key is folded from
+    its path, so adding a parameter elsewhere does not change the others' values."""
+    return jax.jit(_init, static_argnums=0, out_shardings=out_shardings)(cfg, key)
+
+
+def _init(cfg: ModelConfig, key: jax.Array) -> dict:
     table = param_table(cfg)
     flat = jax.tree_util.tree_flatten_with_path(table, is_leaf=is_spec)[0]
     leaves = []

@@ -1,0 +1,68 @@
+"""Training losses: masked next-token cross-entropy, the MTP loss (V3 §2.2), and the complementary
+sequence-wise balance loss (V3 §2.1.2).
+
+Legend: B batch · T positions · V vocab · M MTP depth · L MoE layers · E routed experts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import ModelConfig
+from r1jax.model import transformer
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed token CE and token count. logits [...,V] (any float), targets/mask [...]."""
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum((lse - picked) * mask), jnp.sum(mask)
+
+
+def _mtp_loss_mask(out: dict, loss_mask: jax.Array) -> jax.Array:
+    """Depth k at position i predicts token i+k+1, i.e. the target at i+k: train it only where the
+    main loss would (assistant tokens in SFT). -> [M,B,T]."""
+    M, _, T = out["mtp_mask"].shape
+    idx = jnp.arange(T)
+    shifted = jnp.stack([jnp.take(loss_mask, jnp.minimum(idx + k, T - 1), axis=1) for k in range(1, M + 1)])
+    valid = (idx[None, None, :] + jnp.arange(1, M + 1)[:, None, None]) < T
+    return out["mtp_mask"] & (shifted > 0) & valid
+
+
+def lm_loss(params: dict, batch: dict, cfg: ModelConfig, *, mtp_weight: float, balance_alpha: float,
+            ce_denominator=None, other_scale: float = 1.0):
+    """Total loss and its parts for one batch {inputs, targets, segment_ids, positions, loss_mask}.
+
+    total = CE + mtp_weight/M · Σ_k CE_k + balance_alpha · Σ_layers L_bal
+    Returns (total, aux) where aux holds the parts, token counts and the per-layer MoE stats.
+    Under gradient accumulation over A micro-batches, `ce_denominator` (the whole step's loss-token
+    count) makes the micro-batch CE terms sum to the exact full-batch token mean, and
+    `other_scale` = 1/A turns the summed MTP and balance terms into means.
+    """
+    with_mtp = mtp_weight > 0 and cfg.num_nextn_predict_layers > 0
+    out = transformer.apply(params, batch["inputs"], cfg, batch["positions"], batch["segment_ids"],
+                            with_mtp=with_mtp)
+    ce_sum, n = cross_entropy(out["logits"], batch["targets"], batch["loss_mask"])
+    ce = ce_sum / jnp.maximum(n if ce_denominator is None else ce_denominator, 1.0)
+    total = ce
+    aux = {"ce": ce, "tokens": n}
+    moe_stats = [s for s in (out["moe"], out.get("mtp_moe")) if s is not None]
+    if with_mtp:
+        mask = _mtp_loss_mask(out, batch["loss_mask"])
+        s, c = jax.vmap(cross_entropy)(out["mtp_logits"], out["mtp_targets"], mask)
+        per_depth = s / jnp.maximum(c, 1.0)
+        mtp = jnp.mean(per_depth)
+        total = total + other_scale * mtp_weight * mtp
+        aux["mtp_ce"] = mtp
+    if out["moe"] is not None:
+        bal = sum(jnp.sum(st["balance_loss"]) for st in moe_stats)
+        total = total + other_scale * balance_alpha * bal
+        aux["balance_loss"] = bal
+        aux["moe"] = out["moe"]
+        if out.get("mtp_moe") is not None and cfg.mtp_is_moe:
+            aux["mtp_moe"] = out["mtp_moe"]
+    aux["loss"] = total
+    return total, aux
