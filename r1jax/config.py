@@ -726,6 +726,8 @@ class TrainConfig:
     router_bias_update_rate: float = 0.001  # γ of the aux-loss-free bias update; 0 disables it
     peak_flops_per_device: Optional[float] = None  # for MFU; null: measured matmul rate on CPU, else omitted
     progress: bool = True
+    # Device mesh and logical-axis rules (see `MeshConfig`); the default puts every device on `data`.
+    mesh: "MeshConfig" = dataclasses.field(default_factory=lambda: MeshConfig())
 
     def __post_init__(self):
         def need(ok, key, msg):
@@ -751,8 +753,98 @@ class TrainConfig:
             need(self.eval_data.kind == self.data.kind, "eval_data.kind", f"must equal data.kind ({self.data.kind!r})")
 
 
+# ---- reinforcement learning
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardSpec:
+    """One reward function of the weighted sum: a built-in name (accuracy, format, tag_count,
+    language_consistency, overlong_penalty, code) or `package.module:function`, plus its options."""
+
+    name: str = "accuracy"
+    weight: float = 1.0
+    label: str = ""  # metric name; default: the function name
+    kwargs: FrozenDict = dataclasses.field(default_factory=FrozenDict)
+
+
+def _default_rewards():
+    return (RewardSpec("accuracy", 1.0), RewardSpec("format", 0.5))
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """GRPO (DeepSeekMath §4; R1) with DAPO's clip-higher, dynamic sampling and overlong handling,
+    and Dr.GRPO's unscaled advantages and fixed-length aggregation as options (specs/grpo.md)."""
+
+    stage: Literal["grpo"] = "grpo"
+    model: Optional[ModelConfig] = None
+    init_from: Optional[str] = None
+    prompts: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(kind="prompts", sources=("task:train",)))
+    eval_prompts: Optional[DataConfig] = None
+    optimizer: OptimizerConfig = dataclasses.field(
+        default_factory=lambda: OptimizerConfig(learning_rate=1e-6, weight_decay=0.0, schedule="constant"))
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    rewards: tuple[RewardSpec, ...] = dataclasses.field(default_factory=_default_rewards)
+    steps: int = 100
+    seed: int = 0
+    out_dir: str = "runs/grpo"
+    log_every: int = 1
+    eval_every: int = 0
+    eval_samples: int = 1  # completions per eval prompt (pass@k needs k <= eval_samples)
+    samples_every: int = 10  # write prompts/completions/rewards to samples/ every N steps
+    num_generations: int = 8  # G completions per prompt
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    beta: float = 0.04  # KL weight (k3 estimator); 0 disables the reference model entirely
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2  # DAPO clip-higher: 0.28
+    loss_aggregation: Literal["sequence_mean", "token_mean", "fixed_length"] = "sequence_mean"
+    scale_rewards: bool = True  # divide advantages by the group std; false = Dr.GRPO
+    advantage_eps: float = 1e-4
+    num_iterations: int = 1  # μ policy updates per batch of rollouts, π_old fixed at sampling
+    ref_refresh_steps: int = 0  # replace π_ref by the current policy every N steps (R1-Zero); 0 never
+    dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and sample more prompts
+    max_sampling_rounds: int = 4
+    overlong: Literal["none", "mask", "soft"] = "none"
+    overlong_cache_length: int = 16  # DAPO L_cache for the soft penalty
+    logprob_chunk: int = 64  # positions per chunk when computing log-probs (no full [N,T,V] logits)
+    router_bias_update_rate: float = 0.0
+    progress: bool = True
+
+    def __post_init__(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(self.model is not None or self.init_from is not None, "model",
+             "required (a mapping, or a YAML file) unless init_from names a checkpoint")
+        need(self.prompts.kind == "prompts", "prompts.kind", f"GRPO reads kind 'prompts', got {self.prompts.kind!r}")
+        if self.eval_prompts is not None:
+            need(self.eval_prompts.kind == "prompts", "eval_prompts.kind", "must be 'prompts'")
+        need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        need(self.num_generations >= 2, "num_generations", f"a group needs >= 2 completions, got {self.num_generations}")
+        need(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        need(self.temperature > 0, "temperature", f"GRPO samples: must be > 0, got {self.temperature}")
+        need(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
+        need(self.top_k >= 0, "top_k", f"must be >= 0, got {self.top_k}")
+        need(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
+        need(self.epsilon_low >= 0 and self.epsilon_high >= 0, "epsilon_low", "clip ranges must be >= 0")
+        need(self.num_iterations >= 1, "num_iterations", f"must be >= 1, got {self.num_iterations}")
+        need(self.ref_refresh_steps >= 0, "ref_refresh_steps", "must be >= 0")
+        need(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
+        need(0 <= self.overlong_cache_length < self.max_new_tokens or self.overlong != "soft",
+             "overlong_cache_length", f"must be in [0, max_new_tokens={self.max_new_tokens})")
+        need(self.logprob_chunk >= 1, "logprob_chunk", "must be >= 1")
+        need(self.eval_samples >= 1, "eval_samples", "must be >= 1")
+        need(self.samples_every >= 0, "samples_every", "must be >= 0")
+        need(len(self.rewards) >= 1, "rewards", "at least one reward function")
+        need(self.log_every >= 1, "log_every", "must be >= 1")
+
+
 # stage name -> config class (`r1jax train` reads `stage` first).
-STAGES = {"pretrain": TrainConfig, "sft": TrainConfig}
+STAGES = {"pretrain": TrainConfig, "sft": TrainConfig, "grpo": GRPOConfig}
 
 
 def load_stage(path, overrides: list[str] = ()):
@@ -762,3 +854,133 @@ def load_stage(path, overrides: list[str] = ()):
     if stage not in STAGES:
         raise ConfigError(f"stage: must be one of {sorted(STAGES)}, got {stage!r}")
     return load(STAGES[stage], path, overrides)
+
+
+# ---- mesh
+
+# Mesh axes, outermost first: `tensor` is innermost so its collectives (every layer, both passes) use
+# the fastest links; `data` is outermost because data parallelism only reduces gradients once per step.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Data-center-network factors for multi-slice (TPU) or multi-node (GPU) meshes: the `data`, `fsdp` and
+# `expert` axes are each the product of an in-slice (ICI) factor and a cross-slice (DCN) factor. Tensor
+# parallelism never crosses slices.
+DCN_AXES = {"dcn_data": "data", "dcn_fsdp": "fsdp", "dcn_expert": "expert"}
+
+# Logical axis name -> mesh axes it is split over. Every logical name in model/params.py has a row, plus
+# the activation names the model constrains at block boundaries. The order is a priority: when two dims
+# of one array ask for the same mesh axis, the dim whose name comes first here gets it, and the other
+# dim keeps only its remaining axes. A dim that would not divide evenly by a mesh axis is replicated
+# over that axis instead (see r1jax/parallel/rules.py).
+DEFAULT_RULES = {
+    # activations
+    "batch": ("data", "fsdp", "expert"),  # tokens are split over every axis that is not tensor
+    "length": (),
+    "act_embed": (),
+    "act_heads": ("tensor",),
+    "act_mlp": ("tensor",),
+    "act_vocab": ("tensor",),
+    # parameters: experts over `expert`, Megatron-style splits over `tensor`, and the model dim (or,
+    # for matrices without one, the low-rank dim) over `fsdp` and `expert` (ZeRO-3 over both).
+    "expert": ("expert",),
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "expert_mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "embed": ("fsdp", "expert"),
+    "q_lora": ("fsdp", "expert"),
+    "kv_lora": ("fsdp", "expert"),
+    "mtp_concat": (),
+    "router_experts": (),
+    "qk_dim": (),
+    "kv_dim": (),
+    "v_dim": (),
+    "layers": (),  # the scan axis: every device holds its share of every layer
+    "norm": (),
+}
+
+
+def _rule_axes(value, key: str) -> tuple[str, ...]:
+    """A rule's value as a tuple of mesh axes: null/[] (replicated), a name, or a list of names."""
+    if value is None:
+        return ()
+    axes = (value,) if isinstance(value, str) else value
+    if not isinstance(axes, (list, tuple)) or not all(isinstance(a, str) for a in axes):
+        raise ConfigError(f"{key}: expected a mesh axis name, a list of them, or null, got {value!r}")
+    for a in axes:
+        if a not in MESH_AXES:
+            raise ConfigError(f"{key}: unknown mesh axis {a!r}; valid: {', '.join(MESH_AXES)}")
+    if len(set(axes)) != len(axes):
+        raise ConfigError(f"{key}: names a mesh axis twice: {list(axes)}")
+    return tuple(axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: sizes of the `data`, `fsdp`, `expert` and `tensor` axes (one of them may be -1:
+    all remaining devices), cross-slice factors, and the logical-axis rules.
+
+    `rules` maps logical axis names to mesh axes; a YAML/override value replaces that name's row of
+    `DEFAULT_RULES` and keeps the rest (`mesh.rules.vocab=null`, `mesh.rules.embed=[fsdp]`).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_expert: int = 1
+    rules: FrozenDict = dataclasses.field(default_factory=lambda: FrozenDict(DEFAULT_RULES))
+
+    def __post_init__(self):
+        for key in MESH_AXES + tuple(DCN_AXES):
+            v = getattr(self, key)
+            if v != -1 and v < 1:
+                raise ConfigError(f"{key}: must be >= 1 or -1 (fill the remaining devices), got {v}")
+        for group, what in ((MESH_AXES, "in-slice"), (tuple(DCN_AXES), "cross-slice")):
+            fill = [k for k in group if getattr(self, k) == -1]
+            if len(fill) > 1:
+                raise ConfigError(f"{fill[1]}: only one {what} axis may be -1, got {', '.join(fill)}")
+        rules = dict(DEFAULT_RULES)
+        for name, value in dict(self.rules or {}).items():
+            if name not in DEFAULT_RULES:
+                raise ConfigError(f"rules.{name}: unknown logical axis; valid: {', '.join(DEFAULT_RULES)}")
+            rules[name] = _rule_axes(value, f"rules.{name}")
+        object.__setattr__(self, "rules", FrozenDict(rules))
+
+    def rule_pairs(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The rules as ordered (logical name, mesh axes) pairs, highest priority first."""
+        return tuple((k, tuple(v)) for k, v in self.rules.items())
+
+    def shape(self, num_devices: int, num_slices: int = 1) -> dict[str, int]:
+        """{mesh axis: size} for `num_devices` devices in `num_slices` slices; -1 filled. The ICI factors
+        tile one slice, the DCN factors tile the slices."""
+        dcn = _fill({k: getattr(self, k) for k in DCN_AXES}, num_slices, "slices")
+        if num_devices % num_slices:
+            raise ConfigError(f"dcn_data: {num_devices} devices do not split into {num_slices} equal slices")
+        ici = _fill({k: getattr(self, k) for k in MESH_AXES}, num_devices // num_slices,
+                    "devices" + (" per slice" if num_slices > 1 else ""))
+        return {a: ici[a] * dcn.get(f"dcn_{a}", 1) for a in MESH_AXES}
+
+    def ici_dcn(self, num_devices: int, num_slices: int) -> tuple[dict[str, int], dict[str, int]]:
+        """(in-slice sizes, cross-slice sizes) per mesh axis, for building a hybrid mesh."""
+        dcn = _fill({k: getattr(self, k) for k in DCN_AXES}, num_slices, "slices")
+        ici = _fill({k: getattr(self, k) for k in MESH_AXES}, num_devices // num_slices, "devices per slice")
+        return ici, {a: dcn.get(f"dcn_{a}", 1) for a in MESH_AXES}
+
+
+def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
+    """Replace a -1 by what makes the product equal `total`; a wrong product names the keys."""
+    known = math.prod(v for v in sizes.values() if v != -1)
+    names = "×".join(sizes)
+    values = "×".join(str(v) for v in sizes.values())
+    fill = [k for k, v in sizes.items() if v == -1]
+    if fill:
+        if total % known:
+            raise ConfigError(f"{fill[0]}: -1 cannot fill the mesh: {total} {what} are not divisible by the "
+                              f"other axes' product {known} ({names} = {values})")
+        return {k: (total // known if v == -1 else v) for k, v in sizes.items()}
+    if known != total:
+        raise ConfigError(f"{next(iter(sizes))}: the mesh {names} = {values} = {known} does not match the "
+                          f"{total} {what} (set one axis to -1 to fill the rest)")
+    return dict(sizes)

@@ -1,0 +1,76 @@
+"""Rule-based rewards on hand-built completions, and the weighted reward set."""
+
+import pytest
+
+from r1jax.config import RewardSpec
+from r1jax.errors import ConfigError
+from r1jax.rl import rewards
+
+PROMPT = "<｜User｜>What is 2+3*4?<｜Assistant｜><think>\n"
+GOOD = "3*4=12\n2+12=14\n</think>\n\n<answer>14</answer>"
+
+
+def test_accuracy_uses_math_verify_on_the_final_answer():
+    comps = [GOOD, GOOD.replace("14</answer>", "15</answer>"), "reasoning </think> the answer is \\boxed{14}",
+             "</think> <answer>28/2</answer>", "no answer at all"]
+    assert rewards.accuracy([PROMPT] * 5, comps, answers=["14"] * 5) == [1.0, 0.0, 1.0, 1.0, 0.0]
+    assert rewards.accuracy([PROMPT], [GOOD], answers=["\\frac{28}{2}"]) == [1.0]
+    assert rewards.accuracy([PROMPT], [GOOD], answers=[None]) == [None]
+
+
+def test_format_requires_each_tag_once_in_order():
+    cases = {
+        GOOD: 1.0,
+        "3*4=12\n</think>\n\n14": 1.0,  # answer without answer tags is allowed
+        "3*4=12\n</think>\n\n<answer>14</answer><answer>14</answer>": 0.0,  # repeated answer block
+        "3*4=12\n</think>\n<think>again</think>\n<answer>14</answer>": 0.0,  # repeated think
+        "3*4=12 <answer>14</answer></think>": 0.0,  # answer inside reasoning
+        "no closing tag <answer>14</answer>": 0.0,
+        "3*4=12\n</think>\n\n": 0.0,  # empty answer
+    }
+    got = rewards.format_reward([PROMPT] * len(cases), list(cases))
+    assert got == list(cases.values())
+    # without the generation prompt's <think>, the completion must open it itself
+    assert rewards.format_reward(["plain prompt"], [GOOD]) == [0.0]
+    assert rewards.format_reward(["plain prompt"], ["<think>\n" + GOOD]) == [1.0]
+
+
+def test_tag_count_partial_credit():
+    assert rewards.tag_count([PROMPT], [GOOD]) == [1.0]
+    assert rewards.tag_count([PROMPT], ["x</think> 14"]) == [0.5]
+    assert rewards.tag_count([PROMPT], ["x</think></think><answer>1"]) == [0.5]
+
+
+def test_language_consistency():
+    assert rewards.language_consistency([PROMPT], ["two plus three</think>5"]) == [1.0]
+    got = rewards.language_consistency([PROMPT], ["two 加 三 plus</think>5"])[0]
+    assert got == pytest.approx(0.5)
+    assert rewards.language_consistency([PROMPT], ["三 加 二</think>5"], language="cjk") == [1.0]
+    with pytest.raises(ConfigError, match="language"):
+        rewards.language_consistency([PROMPT], ["x"], language="klingon")
+
+
+def test_overlong_penalty_is_dapos_soft_rule():
+    got = rewards.overlong_penalty(["p"] * 5, ["c"] * 5, completion_lengths=[10, 80, 90, 100, 101],
+                                   max_length=100, cache_length=20)
+    assert got == [0.0, 0.0, pytest.approx(-0.5), pytest.approx(-1.0), -1.0]
+
+
+def test_reward_set_weights_skips_and_names_failures():
+    specs = (RewardSpec(name="accuracy", weight=1.0), RewardSpec(name="format", weight=0.5))
+    rs = rewards.reward_set(specs)
+    total, per = rs([PROMPT] * 3, [GOOD, "bad", GOOD], answers=["14", "14", None],
+                    completion_lengths=[5, 5, 5], truncated=[False] * 3)
+    assert total == [1.5, 0.0, None]
+    assert per["accuracy"] == [1.0, 0.0, None] and per["format"] == [1.0, 0.0, 1.0]
+    with pytest.raises(ConfigError, match="unknown reward 'acuracy'"):
+        rewards.reward_set((RewardSpec(name="acuracy"),))
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module:f'"):
+        rewards.reward_set((RewardSpec(name="no_such_module:f"),))
+    boom = rewards.reward_set((RewardSpec(name="tests.test_rewards:exploding_reward"),))
+    with pytest.raises(rewards.RewardError, match="reward 'tests.test_rewards:exploding_reward' raised ZeroDivisionError"):
+        boom([PROMPT], [GOOD], answers=["14"], completion_lengths=[3], truncated=[False])
+
+
+def exploding_reward(prompts, completions, **_):
+    return [1 / 0 for _ in completions]
