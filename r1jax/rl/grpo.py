@@ -1,0 +1,135 @@
+"""GRPO: group-relative advantages, chunked token log-probs and the clipped policy loss with a k3
+KL penalty (DeepSeekMath §4.1; R1; DAPO and Dr.GRPO options). Facts: specs/grpo.md.
+
+Legend: N completions (P prompts × G) · T sequence positions · C chunk of positions · D model
+· V vocab.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import GRPOConfig, ModelConfig
+from r1jax.model import transformer
+
+LOG_RATIO_CLAMP = 20.0  # keeps exp() finite when policies drift far apart
+
+
+def advantages(rewards: jax.Array, valid: jax.Array, *, scale: bool, eps: float) -> jax.Array:
+    """Group z-scores. rewards, valid [P,G] -> [P,G]; std with Bessel's correction; invalid samples
+    (reward None) take no part in the group statistics and get advantage 0."""
+    v = valid.astype(jnp.float32)
+    n = v.sum(-1, keepdims=True)
+    mean = (rewards * v).sum(-1, keepdims=True) / jnp.maximum(n, 1.0)
+    centred = (rewards - mean) * v
+    if not scale:  # Dr.GRPO: no division by the std
+        return centred
+    std = jnp.sqrt((centred ** 2).sum(-1, keepdims=True) / jnp.maximum(n - 1.0, 1.0))
+    return centred / (std + eps)
+
+
+def token_logprobs(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
+                   cfg: ModelConfig, *, temperature: float, chunk: int, with_entropy: bool = False):
+    """log π(tokens[t+1] | tokens[..t]) / temperature-scaled, for t = 0..T-2 -> [N, T-1] (and the
+    policy entropy per position). Logits are made C positions at a time under jax.checkpoint, so a
+    full [N, T, V] block never exists, forward or backward."""
+    h, _ = transformer.hidden(params, tokens, cfg, positions, segment_ids)
+    h = h[:, :-1]
+    targets = tokens[:, 1:]
+    N, T1, D = h.shape
+    pad = (-T1) % chunk
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    w = transformer.lm_head_weight(params)
+
+    @jax.checkpoint
+    def one(hc, tc):
+        logits = transformer.head(w, params["final_norm"], hc, cfg) / temperature  # [N,C,V] f32
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
+        ent = lse - jnp.sum(jax.nn.softmax(logits, -1) * logits, -1) if with_entropy else jnp.zeros_like(lse)
+        return lp, ent
+
+    hs = h.reshape(N, -1, chunk, D).transpose(1, 0, 2, 3)
+    ts = targets.reshape(N, -1, chunk).transpose(1, 0, 2)
+    lp, ent = jax.lax.map(lambda xs: one(*xs), (hs, ts))
+    lp = lp.transpose(1, 0, 2).reshape(N, -1)[:, :T1]
+    ent = ent.transpose(1, 0, 2).reshape(N, -1)[:, :T1]
+    return (lp, ent) if with_entropy else lp
+
+
+def policy_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, adv: jax.Array,
+                mask: jax.Array, *, epsilon_low: float, epsilon_high: float, beta: float,
+                aggregation: str, max_len: int):
+    """Per-token ℓ = −min(r·Â, clip(r, 1−ε_low, 1+ε_high)·Â) + β·k3, aggregated.
+
+    logp/old_logp/ref_logp/mask [N, L] over completion tokens, adv [N]. -> (loss, metrics).
+    """
+    mask = mask.astype(jnp.float32)
+    log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
+    a = adv[:, None]
+    unclipped = ratio * a
+    clipped = jnp.clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * a
+    per_token = -jnp.minimum(unclipped, clipped)
+    kl = jnp.zeros_like(per_token)
+    if beta > 0:
+        d = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        kl = jnp.exp(d) - d - 1  # k3: unbiased, ≥ 0
+        per_token = per_token + beta * kl
+    loss = aggregate(per_token, mask, aggregation, max_len)
+    n_tok = jnp.maximum(mask.sum(), 1.0)
+    is_clipped = ((ratio < 1 - epsilon_low) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
+    metrics = {
+        "kl": (kl * mask).sum() / n_tok,
+        "clip_fraction": (is_clipped * mask).sum() / n_tok,
+        "ratio_mean": (ratio * mask).sum() / n_tok,
+    }
+    return loss, metrics
+
+
+def aggregate(per_token: jax.Array, mask: jax.Array, how: str, max_len: int) -> jax.Array:
+    """sequence_mean (GRPO): mean over each completion's tokens, then over completions;
+    token_mean (DAPO): over all tokens of the batch; fixed_length (Dr.GRPO): sum / (N · max_len)."""
+    if how == "sequence_mean":
+        per_seq = (per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+        has = (mask.sum(-1) > 0).astype(jnp.float32)
+        return (per_seq * has).sum() / jnp.maximum(has.sum(), 1.0)
+    if how == "token_mean":
+        return (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    if how == "fixed_length":
+        return (per_token * mask).sum() / (per_token.shape[0] * max_len)
+    raise ValueError(f"loss_aggregation {how!r}")
+
+
+def completion_logprobs(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig, with_entropy=False):
+    """Log-probs of the completion tokens only: batch holds tokens [N, Lp+Lc] (prompt left-padded
+    to Lp, completion after), positions, segment_ids. -> [N, Lc] (+ entropy)."""
+    out = token_logprobs(params, batch["tokens"], batch["positions"], batch["segment_ids"], cfg,
+                         temperature=gcfg.temperature, chunk=gcfg.logprob_chunk, with_entropy=with_entropy)
+    lp_start = batch["tokens"].shape[1] - batch["completion_mask"].shape[1] - 1
+    if with_entropy:
+        return out[0][:, lp_start:], out[1][:, lp_start:]
+    return out[:, lp_start:]
+
+
+def loss_fn(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig):
+    """The GRPO objective on a rollout batch {tokens, positions, segment_ids, completion_mask,
+    old_logp, ref_logp, advantages}."""
+    logp, ent = completion_logprobs(params, batch, cfg, gcfg, with_entropy=True)
+    loss, metrics = policy_loss(
+        logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"], batch["completion_mask"],
+        epsilon_low=gcfg.epsilon_low, epsilon_high=gcfg.epsilon_high, beta=gcfg.beta,
+        aggregation=gcfg.loss_aggregation, max_len=gcfg.max_new_tokens)
+    m = batch["completion_mask"].astype(jnp.float32)
+    metrics["entropy"] = jax.lax.stop_gradient((ent * m).sum() / jnp.maximum(m.sum(), 1.0))
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "gcfg"))
+def rollout_logprobs(params, batch, cfg: ModelConfig, gcfg: GRPOConfig):
+    return completion_logprobs(params, batch, cfg, gcfg)
