@@ -3,9 +3,10 @@
 from r1jax.api import forward, load_pretrained, save_pretrained
 from r1jax.config import ModelConfig
 from r1jax.errors import CheckpointError, ConfigError, DataError, R1JaxError
+from r1jax.rl.sampler import generate
 
 __all__ = [
-    "ModelConfig", "forward", "load_pretrained", "save_pretrained",
+    "ModelConfig", "forward", "generate", "load_pretrained", "save_pretrained",
     "R1JaxError", "ConfigError", "CheckpointError", "DataError",
 ]
 __version__ = "0.1.0"

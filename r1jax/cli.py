@@ -20,8 +20,23 @@ def _train(args) -> int:
     from r1jax.train.loop import train
 
     cfg = load_stage(args.config, args.overrides)
-    result = train(cfg)
+    if cfg.stage == "grpo":
+        from r1jax.rl.grpo_loop import train_grpo
+
+        result = train_grpo(cfg)
+    else:
+        result = train(cfg)
     print(f"r1jax train: {result.status} at step {result.step}; run directory {result.run_dir}")
+    return 0
+
+
+def _sample(args) -> int:
+    from r1jax.rl.sampler import sample_file
+
+    n = sample_file(args.ckpt, args.prompts, args.out, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                    num_samples=args.num_samples, batch_size=args.batch_size, cache=args.cache)
+    print(f"wrote {n} samples to {args.out}")
     return 0
 
 
@@ -35,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config (the `stage` key picks the stage)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optimizer.learning_rate=1e-3")
     train.set_defaults(func=_train)
+    sample = sub.add_parser("sample", help="sample completions for a jsonl of prompts")
+    sample.add_argument("--ckpt", required=True, help="Hugging Face model directory or r1jax checkpoint")
+    sample.add_argument("--prompts", required=True,
+                        help='jsonl of {"prompt_ids": [...]} or {"prompt": "text"} (text needs tokenizer.json in --ckpt)')
+    sample.add_argument("--out", required=True, help="output jsonl, one row per sample")
+    sample.add_argument("--max-new-tokens", type=int, default=256)
+    sample.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    sample.add_argument("--top-p", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int, default=0, help="0 = off")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    sample.add_argument("--batch-size", type=int, default=16)
+    sample.add_argument("--cache", choices=["latent", "expanded"], default="latent")
+    sample.set_defaults(func=_sample)
     return parser
 
 

@@ -173,11 +173,14 @@ def from_dict(cls, d: Mapping, path: str = ""):
 
 def to_dict(cfg) -> dict:
     """Dataclass → plain nested dict (YAML/JSON ready)."""
-    out = {}
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else thaw(v)
-    return out
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return to_dict(v)
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return thaw(v)
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

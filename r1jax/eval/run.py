@@ -1,0 +1,54 @@
+"""Evaluate a model on a prompt set: sample n completions per prompt, verify, report pass@k/maj@k."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from r1jax.config import DataConfig, ModelConfig
+from r1jax.data import tasks
+from r1jax.data.pipeline import make_prompt_iterator
+from r1jax.eval.metrics import evaluate
+from r1jax.rl import sampler
+
+
+def prompt_rows(batch: dict) -> list[list[int]]:
+    """Left-padded prompt batch -> each row's real token ids."""
+    return [t[m.astype(bool)].tolist() for t, m in zip(batch["tokens"], batch["prompt_mask"])]
+
+
+def evaluate_model(params, model_cfg: ModelConfig, prompts: DataConfig, tok, *, num_samples: int = 1,
+                   temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
+                   max_prompts: int | None = None, ks=(1,), maj_ks=(), mesh=None):
+    """-> (summary {pass@k..., maj@k..., mean_length}, records with completions). Greedy when
+    temperature is 0 (then every sample is the same; use num_samples 1)."""
+    it = make_prompt_iterator(prompts, tok)
+    problems, completions, ids, lengths = [], [], [], []
+    for batch in it:
+        rows = prompt_rows(batch)
+        keep = [i for i, a in enumerate(batch["answer"]) if str(a)]
+        rep = [rows[i] for i in keep for _ in range(num_samples)]
+        if not rep:
+            continue
+        out = sampler.sample(params, model_cfg, rep, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed + len(problems), eos_id=tok.eos_id, mesh=mesh)
+        for j, i in enumerate(keep):
+            texts = []
+            for s in range(num_samples):
+                r = j * num_samples + s
+                n = int(out.lengths[r])
+                ids_ = out.tokens[r, :n].tolist()
+                if out.finished[r] and ids_ and ids_[-1] == tok.eos_id:
+                    ids_ = ids_[:-1]
+                texts.append(tok.decode(ids_))
+                lengths.append(n)
+            problems.append(str(batch["answer"][i]))
+            completions.append(texts)
+            ids.append(str(batch["id"][i]))
+        if max_prompts is not None and len(problems) >= max_prompts:
+            break
+    summary, records = evaluate(problems, completions, tasks.verify, tasks.extract_answer, ks=ks, maj_ks=maj_ks,
+                                ids=ids)
+    summary["mean_length"] = float(np.mean(lengths)) if lengths else 0.0
+    for rec, comps in zip(records, completions):
+        rec["completions"] = comps
+    return summary, records
