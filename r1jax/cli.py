@@ -40,6 +40,16 @@ def _sample(args) -> int:
     return 0
 
 
+def _pipeline(args) -> int:
+    from r1jax.eval.metrics import format_table
+    from r1jax.pipeline import load_pipeline, run_pipeline
+
+    records = run_pipeline(load_pipeline(args.config, args.overrides))
+    rows = [{"stage": r["name"], "kind": r["kind"], **r.get("eval", {}), "seconds": r["seconds"]} for r in records]
+    print(format_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1jax", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -50,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config (the `stage` key picks the stage)")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optimizer.learning_rate=1e-3")
     train.set_defaults(func=_train)
+    from r1jax.convert.commands import add_convert_parser
+
+    add_convert_parser(sub)
+    pipeline = sub.add_parser("pipeline", help="run several stages in order (the R1 recipe) from one YAML")
+    pipeline.add_argument("config")
+    pipeline.add_argument("overrides", nargs="*", metavar="key=value")
+    pipeline.set_defaults(func=_pipeline)
     sample = sub.add_parser("sample", help="sample completions for a jsonl of prompts")
     sample.add_argument("--ckpt", required=True, help="Hugging Face model directory or r1jax checkpoint")
     sample.add_argument("--prompts", required=True,
@@ -62,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
     sample.add_argument("--batch-size", type=int, default=16)
-    sample.add_argument("--cache", choices=["latent", "expanded"], default="latent")
+    sample.add_argument("--cache", choices=["latent", "expanded", "gqa"], default=None,
+                        help="KV cache: latent or expanded (DeepSeek), gqa (dense students); default: the "
+                             "model's own (latent, gqa)")
     sample.set_defaults(func=_sample)
     return parser
 

@@ -82,6 +82,8 @@ def _coerce(value, tp, path: str):
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        if isinstance(value, Mapping) and {a for a in args if dataclasses.is_dataclass(a)} >= {ModelConfig, DenseConfig}:
+            return model_from_dict(value, path)  # the architecture is chosen by model_type
         errors = []
         for a in args:
             if a is type(None):
@@ -712,7 +714,7 @@ class TrainConfig:
     """
 
     stage: Literal["pretrain", "sft"] = "pretrain"
-    model: Optional[ModelConfig] = None
+    model: Optional[Union[ModelConfig, DenseConfig]] = None
     init_from: Optional[str] = None
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     eval_data: Optional[DataConfig] = None
@@ -780,7 +782,7 @@ class GRPOConfig:
     and Dr.GRPO's unscaled advantages and fixed-length aggregation as options (specs/grpo.md)."""
 
     stage: Literal["grpo"] = "grpo"
-    model: Optional[ModelConfig] = None
+    model: Optional[Union[ModelConfig, DenseConfig]] = None
     init_from: Optional[str] = None
     prompts: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(kind="prompts", sources=("task:train",)))
     eval_prompts: Optional[DataConfig] = None
@@ -844,6 +846,89 @@ class GRPOConfig:
         need(self.samples_every >= 0, "samples_every", "must be >= 0")
         need(len(self.rewards) >= 1, "rewards", "at least one reward function")
         need(self.log_every >= 1, "log_every", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class RejectionConfig:
+    """Rejection sampling (R1 §2.3.3): N completions per prompt, keep the correct, well-formed,
+    single-language, length-bounded ones, deduplicate, write an SFT dataset."""
+
+    prompts: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(kind="prompts", sources=("task:train",)))
+    num_samples: int = 8
+    temperature: float = 0.7  # R1's last stage samples at 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    min_tokens: int = 1
+    max_prompts: Optional[int] = None  # stop after this many prompts (null: the whole prompt set)
+    max_per_prompt: int = 4  # keep at most this many distinct correct completions per prompt
+    require_format: bool = True
+    language: str = "latin"
+    min_language_share: float = 1.0
+    seed: int = 0
+    init_from: Optional[str] = None  # the model to sample from (HF directory or r1jax checkpoint)
+    out_dir: str = "runs/rejection"
+
+    def __post_init__(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(self.prompts.kind == "prompts", "prompts.kind", f"must be 'prompts', got {self.prompts.kind!r}")
+        need(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        need(self.temperature >= 0, "temperature", "must be >= 0")
+        need(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        need(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        need(1 <= self.min_tokens <= self.max_new_tokens, "min_tokens", "must be in [1, max_new_tokens]")
+        need(self.max_prompts is None or self.max_prompts >= 1, "max_prompts", "must be null or >= 1")
+        need(self.max_per_prompt >= 1, "max_per_prompt", "must be >= 1")
+        need(0 <= self.min_language_share <= 1, "min_language_share", "must be in [0, 1]")
+
+
+# ---- pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage of a pipeline. `config` is that stage's config mapping (its `stage`/`out_dir` are
+    set by the pipeline). Inside it, "@name" in `init_from` means stage `name`'s final checkpoint and,
+    in `data.sources`, stage `name`'s dataset (a rejection stage's output)."""
+
+    name: str
+    kind: Literal["pretrain", "sft", "grpo", "rejection", "distill"]
+    config: FrozenDict = dataclasses.field(default_factory=FrozenDict)
+
+    def __post_init__(self):
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"name: must be a non-empty word (letters, digits, _ or -), got {self.name!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Stages run in order, each feeding the next (the R1 recipe); every stage is evaluated on
+    `eval_prompts` (pass@1 greedy, and pass@1/pass@k over `eval_samples` samples at
+    `eval_temperature`, R1's protocol) and a finished stage is never run again."""
+
+    out_dir: str = "runs/pipeline"
+    stages: tuple[StageSpec, ...] = ()
+    eval_prompts: Optional[DataConfig] = None
+    eval_samples: int = 4
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    eval_max_new_tokens: int = 64
+    export_hf: bool = True  # write each model stage's final weights as a Hugging Face directory
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.stages:
+            raise ConfigError("stages: at least one stage")
+        names = [st.name for st in self.stages]
+        for i, n in enumerate(names):
+            if n in names[:i]:
+                raise ConfigError(f"stages[{i}].name: {n!r} is used twice")
+        if self.eval_samples < 1:
+            raise ConfigError(f"eval_samples: must be >= 1, got {self.eval_samples}")
+        if self.eval_prompts is not None and self.eval_prompts.kind != "prompts":
+            raise ConfigError(f"eval_prompts.kind: must be 'prompts', got {self.eval_prompts.kind!r}")
 
 
 # stage name -> config class (`r1jax train` reads `stage` first).
@@ -987,3 +1072,272 @@ def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
         raise ConfigError(f"{next(iter(sizes))}: the mesh {names} = {values} = {known} does not match the "
                           f"{total} {what} (set one axis to -1 to fill the rest)")
     return dict(sizes)
+
+
+# ---- dense student
+
+DENSE_MODEL_TYPES = ("qwen2", "llama")
+DENSE_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+DENSE_ROPE_TYPES = ("default", "llama3", "yarn")
+# What transformers' Qwen2Config / LlamaConfig assume for a key config.json leaves out, where that
+# differs from DenseConfig's own defaults (which describe Qwen2.5-Math-1.5B, not the HF classes).
+_HF_DENSE_DEFAULTS = {
+    "qwen2": dict(num_key_value_heads=None, head_dim=None, max_position_embeddings=32768, tie_word_embeddings=False,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None),
+    "llama": dict(num_key_value_heads=None, head_dim=None, max_position_embeddings=2048, tie_word_embeddings=False,
+                  attention_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=None),
+}
+
+
+def _positive_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and not math.isnan(v) and v > 0
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseConfig:
+    """A dense decoder-only student (the R1-Distill bases, spec §9): Qwen2 (GQA, q/k/v biases) or Llama
+    (GQA, optional biases, llama3 RoPE scaling). Field names follow HF `Qwen2Config`/`LlamaConfig`; the
+    defaults are Qwen2.5-Math-1.5B, the smallest R1-Distill base."""
+
+    vocab_size: int = 151936
+    hidden_size: int = 1536
+    intermediate_size: int = 8960
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 12
+    num_key_value_heads: Optional[int] = 2  # null: num_attention_heads (no grouping)
+    head_dim: Optional[int] = None  # null: hidden_size // num_attention_heads (Qwen2 configs leave it out)
+    hidden_act: Literal["silu"] = "silu"
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[FrozenDict] = None  # HF's dict: {rope_type: default | llama3 | yarn, factor, ...}
+    # Biases on q/k/v, and for Llama also on o_proj (LlamaAttention). Qwen2 always has q/k/v biases and
+    # none on o_proj; null: the model type's own (qwen2 true, llama false).
+    attention_bias: Optional[bool] = None
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = 151643
+    eos_token_id: Optional[int] = 151643
+    pad_token_id: Optional[int] = None
+    model_type: Literal["qwen2", "llama"] = "qwen2"
+    # HF keys r1jax does not interpret (architectures, sliding_window, max_window_layers, use_cache, ...),
+    # carried so a config.json survives the round trip; the ones that would change the math are checked.
+    hf_extra: FrozenDict = dataclasses.field(default_factory=FrozenDict)
+    hf_rope_key: Literal["rope_scaling", "rope_parameters"] = _r1(default="rope_scaling")
+    # r1jax execution choices.
+    dtype: Literal["float32", "bfloat16", "float16"] = _r1(default="float32")
+    param_dtype: Literal["float32", "bfloat16", "float16"] = _r1(default="float32")
+    remat_policy: str = _r1(default="none")
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.attention_bias is None:
+            object.__setattr__(self, "attention_bias", self.model_type == "qwen2")
+        if not isinstance(self.hf_extra, FrozenDict):
+            object.__setattr__(self, "hf_extra", FrozenDict(self.hf_extra or {}))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, FrozenDict):
+            object.__setattr__(self, "rope_scaling", FrozenDict(self.rope_scaling))
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def attn_head_dim(self) -> int:
+        """K: the query, key and value width of one head."""
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
+
+    # The MLA names of the same widths, so FLOP and KV-cache accounting read either architecture.
+    @property
+    def qk_head_dim(self) -> int:
+        return self.attn_head_dim
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.attn_head_dim
+
+    @property
+    def kv_groups(self) -> int:
+        """Query heads that share one key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def o_proj_bias(self) -> bool:
+        return self.model_type == "llama" and self.attention_bias
+
+    @property
+    def num_nextn_predict_layers(self) -> int:
+        """Dense students have no multi-token prediction modules (losses and conversion ask)."""
+        return 0
+
+    @property
+    def rope_type(self) -> str:
+        if self.rope_scaling is None:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    # ------------------------------------------------------------------ validation
+    def validate(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings"):
+            need(getattr(self, key) > 0, key, f"must be positive, got {getattr(self, key)}")
+        H, G = self.num_attention_heads, self.num_key_value_heads
+        need(H % G == 0, "num_key_value_heads",
+             f"must divide num_attention_heads ({H}): each kv head serves H/G query heads, got {G}")
+        if self.head_dim is None:
+            need(self.hidden_size % H == 0, "head_dim",
+                 f"null derives hidden_size // num_attention_heads, but {self.hidden_size} is not divisible by {H}")
+        else:
+            need(self.head_dim > 0, "head_dim", f"must be null or positive, got {self.head_dim}")
+        need(self.attn_head_dim % 2 == 0, "head_dim", f"must be even (rotary pairs), got {self.attn_head_dim}")
+        need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
+        need(self.rope_theta > 0, "rope_theta", "must be positive")
+        need(self.initializer_range >= 0, "initializer_range", "must be >= 0")
+        if self.model_type == "qwen2":
+            need(self.attention_bias, "attention_bias", "qwen2 always has q/k/v biases (use model_type llama without)")
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, key)
+            need(v is None or 0 <= v < self.vocab_size, key,
+                 f"must be null or in [0, vocab_size={self.vocab_size}), got {v}")
+        self._validate_hf_extra(need)
+        if self.rope_scaling is not None:
+            self._validate_rope(need)
+        from r1jax.model.transformer import REMAT_POLICIES
+
+        need(self.remat_policy in REMAT_POLICIES, "remat_policy",
+             f"unknown policy {self.remat_policy!r}; valid: {', '.join(sorted(REMAT_POLICIES))}")
+
+    def _validate_hf_extra(self, need):
+        """HF options that would change the math r1jax computes are rejected, not silently ignored."""
+        extra = self.hf_extra
+        need(not extra.get("use_sliding_window"), "use_sliding_window",
+             "sliding-window attention is not supported (the R1-Distill bases attend to the full context)")
+        types = extra.get("layer_types")
+        if types is not None:
+            need(all(t == "full_attention" for t in types), "layer_types",
+                 f"only full_attention layers are supported, got {sorted(set(types))}")
+        need(not extra.get("mlp_bias"), "mlp_bias", "MLP biases are not supported")
+        for where in (extra, self.rope_scaling or {}):
+            prf = where.get("partial_rotary_factor")
+            need(prf is None or prf == 1, "partial_rotary_factor",
+                 f"only 1.0 (rotate whole heads) is supported, got {prf}")
+
+    def _validate_rope(self, need):
+        rs, kind = self.rope_scaling, self.rope_type
+        type_key = "rope_scaling." + ("rope_type" if "rope_type" in rs else "type")
+        need(kind in DENSE_ROPE_TYPES, type_key, f"supported: {', '.join(DENSE_ROPE_TYPES)}, got {kind!r}")
+        if kind == "default":
+            return
+        need(_positive_number(rs.get("factor")), "rope_scaling.factor",
+             f"must be a positive number, got {rs.get('factor')!r}")
+        omp = rs.get("original_max_position_embeddings")
+        if kind == "llama3" or omp is not None:
+            need(isinstance(omp, int) and not isinstance(omp, bool) and omp > 0,
+                 "rope_scaling.original_max_position_embeddings", f"must be a positive int, got {omp!r}")
+        if kind == "llama3":
+            for k in ("low_freq_factor", "high_freq_factor"):
+                need(_positive_number(rs.get(k)), f"rope_scaling.{k}", f"must be a positive number, got {rs.get(k)!r}")
+            need(rs["high_freq_factor"] > rs["low_freq_factor"], "rope_scaling.high_freq_factor",
+                 f"must exceed low_freq_factor ({rs['low_freq_factor']}): the band between them is blended")
+        else:
+            for k in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+                v = rs.get(k)
+                need(v is None or _positive_number(v), f"rope_scaling.{k}", f"must be a positive number, got {v!r}")
+
+    # ------------------------------------------------------------------ HF config.json
+    @classmethod
+    def from_hf_config(cls, d: Mapping, **r1jax_options) -> "DenseConfig":
+        """Build from a HF config.json dict (Qwen2Config or LlamaConfig); absent keys take the HF class's
+        defaults, not DenseConfig's."""
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"config.json: expected a JSON object, got {type(d).__name__}")
+        d = dict(d)
+        model_type = d.get("model_type")
+        if model_type not in DENSE_MODEL_TYPES:
+            raise ConfigError(f"model_type: expected one of {list(DENSE_MODEL_TYPES)}, got {model_type!r}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if d.get(key) is None:
+                raise ConfigError(f"{key}: required field missing from config.json")
+        hf_fields = {f.name for f in dataclasses.fields(cls) if f.metadata.get("hf", True)} - {
+            "hf_extra", "rope_scaling", "rope_theta"}
+        if model_type == "qwen2":
+            hf_fields.discard("attention_bias")  # not a Qwen2Config key: passed through untouched
+        kw, extra = dict(_HF_DENSE_DEFAULTS[model_type]), {}
+        for k, v in d.items():
+            if k in ("rope_scaling", "rope_parameters", "rope_theta"):
+                continue
+            (kw if k in hf_fields else extra)[k] = v
+        if isinstance(kw.get("eos_token_id"), list):
+            # Llama 3 instruct lists several; the sampler stops on all of them (hf_extra keeps the list).
+            extra["eos_token_id"], kw["eos_token_id"] = kw["eos_token_id"], None
+        rope_key = "rope_parameters" if "rope_parameters" in d else "rope_scaling"
+        rope = d.get(rope_key)
+        if rope is not None and not isinstance(rope, Mapping):
+            raise ConfigError(f"{rope_key}: expected a mapping or null, got {rope!r}")
+        rope = dict(rope or {})
+        theta = rope.pop("rope_theta", None) if rope_key == "rope_parameters" else None
+        if "rope_theta" in d and rope_key == "rope_parameters":
+            extra["rope_theta"] = d["rope_theta"]
+        kw["rope_theta"] = d.get("rope_theta", 10000.0) if theta is None else theta
+        kw["rope_scaling"] = None if d.get(rope_key) is None else rope
+        kw["hf_extra"] = extra
+        kw["hf_rope_key"] = rope_key
+        kw.update(r1jax_options)
+        return from_dict(cls, kw, "")
+
+    def to_hf_config(self) -> dict:
+        """The HF config.json dict; keys read by from_hf_config come back unchanged."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if not f.metadata.get("hf", True) or f.name in ("hf_extra", "rope_scaling", "rope_theta"):
+                continue
+            if f.name == "head_dim" and self.head_dim is None:
+                continue  # derived, as Qwen2 configs leave it
+            if f.name == "attention_bias" and self.model_type == "qwen2":
+                continue  # not a Qwen2Config key
+            out[f.name] = thaw(getattr(self, f.name))
+        out.update(thaw(self.hf_extra))
+        rope = thaw(self.rope_scaling) if self.rope_scaling is not None else None
+        if self.hf_rope_key == "rope_parameters":
+            out["rope_parameters"] = {**(rope if rope is not None else {"rope_type": "default"}),
+                                      "rope_theta": self.rope_theta}
+        else:
+            out["rope_scaling"] = rope
+            out["rope_theta"] = self.rope_theta
+        out.setdefault("architectures", [DENSE_ARCHITECTURES[self.model_type]])
+        return out
+
+    def replace(self, **kw) -> "DenseConfig":
+        return dataclasses.replace(self, **kw)
+
+
+# HF model_type -> the config class of its architecture.
+MODEL_CONFIGS = {"deepseek_v3": ModelConfig, "deepseek_v2": ModelConfig, "qwen2": DenseConfig, "llama": DenseConfig}
+
+
+def config_from_hf(d: Mapping, **r1jax_options) -> Union[ModelConfig, DenseConfig]:
+    """ModelConfig or DenseConfig from a HF config.json dict, chosen by its model_type."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"config.json: expected a JSON object, got {type(d).__name__}")
+    cls = MODEL_CONFIGS.get(d.get("model_type"))
+    if cls is None:
+        raise ConfigError(f"model_type: expected one of {list(MODEL_CONFIGS)}, got {d.get('model_type')!r}")
+    return cls.from_hf_config(d, **r1jax_options)
+
+
+def model_from_dict(d: Mapping, path: str = "") -> Union[ModelConfig, DenseConfig]:
+    """A model config from a YAML mapping: model_type qwen2/llama builds a DenseConfig, anything else
+    (or none: deepseek_v3) a ModelConfig."""
+    model_type = d.get("model_type", "deepseek_v3") if isinstance(d, Mapping) else None
+    if isinstance(d, Mapping) and model_type not in MODEL_CONFIGS:
+        raise ConfigError(f"{path + '.' if path else ''}model_type: expected one of {list(MODEL_CONFIGS)}, "
+                          f"got {model_type!r}")
+    return from_dict(MODEL_CONFIGS.get(model_type, ModelConfig), d, path)
+
+
+def load_model(path, overrides: list[str] = ()) -> Union[ModelConfig, DenseConfig]:
+    """A model YAML (configs/model/*.yaml) of either architecture, plus dotted overrides."""
+    return model_from_dict(apply_overrides(read_yaml(path), list(overrides)))

@@ -31,32 +31,107 @@ TINY_V3 = dict(
 )
 
 
+# The dense student (also configs/model/tiny_qwen2_student.yaml).
+TINY_QWEN2_STUDENT = dict(
+    model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000,
+    tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+)
+
+
 def tiny_config() -> ModelConfig:
     from r1jax.config import from_dict
 
     return from_dict(ModelConfig, TINY_V3)
 
 
-def run_demo(out: str | Path) -> dict:
+def demo_pipeline(out: str | Path) -> "PipelineConfig":
+    """The embedded default of `r1jax demo` (configs/pipeline/r1_tiny.yaml is the same recipe)."""
+    from r1jax.config import PipelineConfig, from_dict
+
+    task = dict(min_operands=2, max_operands=2, num_eval=30)
+    prompts = lambda **kw: dict(kind="prompts", seq_len=32, task=task, **kw)  # noqa: E731
+    d = dict(
+        out_dir=str(out), eval_samples=4, eval_temperature=0.6, eval_top_p=0.95, eval_max_new_tokens=32,
+        eval_prompts=prompts(sources=["task:eval"], batch_size=64, shuffle=False, drop_remainder=False),
+        stages=[
+            dict(name="cold_start", kind="sft", config=dict(
+                model=TINY_V3, steps=250, log_every=10,
+                data=dict(kind="sft", sources=["task:train"], seq_len=64, batch_size=16, num_epochs=None, task=task),
+                optimizer=dict(learning_rate=3e-3, warmup_steps=10, weight_decay=0.01),
+                checkpoint=dict(save_interval_steps=50, max_to_keep=2))),
+            dict(name="rl", kind="grpo", config=dict(
+                init_from="@cold_start", steps=40, num_generations=8, max_new_tokens=32, temperature=0.7, beta=0.0,
+                epsilon_low=0.2, epsilon_high=0.28, loss_aggregation="token_mean", samples_every=10,
+                prompts=prompts(sources=["task:train"], batch_size=8, num_epochs=None),
+                optimizer=dict(learning_rate=1e-4, schedule="constant", weight_decay=0.0),
+                rewards=[dict(name="accuracy", weight=1.0), dict(name="format", weight=0.2)],
+                checkpoint=dict(save_interval_steps=20, max_to_keep=2))),
+            dict(name="rejection", kind="rejection", config=dict(
+                init_from="@rl", num_samples=4, temperature=0.7, max_new_tokens=32, max_prompts=200,
+                prompts=prompts(sources=["task:train"], batch_size=50, shuffle=False))),
+            # R1-Distill: SFT of a small dense Qwen2-style student on the teacher's kept samples.
+            dict(name="distill", kind="distill", config=dict(
+                model=TINY_QWEN2_STUDENT, steps=250, log_every=10,
+                data=dict(kind="sft", sources=["@rejection"], seq_len=64, batch_size=16, num_epochs=None),
+                optimizer=dict(learning_rate=3e-3, warmup_steps=10, weight_decay=0.01),
+                checkpoint=dict(save_interval_steps=50, max_to_keep=2))),
+        ],
+    )
+    return from_dict(PipelineConfig, d)
+
+
+def plot(out: Path, records: list[dict]) -> Path:
+    """reward and accuracy over GRPO steps, and held-out pass@1 per stage -> out/demo.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from r1jax.train.metrics import read_metrics
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in records:
+        if r["kind"] == "grpo":
+            rows = read_metrics(out / r["name"])
+            steps = [m["step"] for m in rows]
+            ax1.plot(steps, [m["reward/mean"] for m in rows], label="reward (weighted)")
+            ax1.plot(steps, [m.get("reward/accuracy", 0.0) for m in rows], label="accuracy (train prompts)")
+    ax1.set_xlabel("GRPO step")
+    ax1.set_title("GRPO rollouts")
+    ax1.legend()
+    evaluated = [r for r in records if "eval" in r]
+    keys = [k for k in evaluated[0]["eval"] if k.startswith("pass@")] if evaluated else []
+    width = 0.8 / max(len(keys), 1)
+    for j, k in enumerate(keys):
+        ax2.bar([i + j * width for i in range(len(evaluated))], [r["eval"][k] for r in evaluated], width, label=k)
+    ax2.set_xticks([i + width * (len(keys) - 1) / 2 for i in range(len(evaluated))], [r["name"] for r in evaluated])
+    ax2.set_ylim(0, 1)
+    ax2.set_title("held-out problems")
+    ax2.legend()
+    fig.tight_layout()
+    path = out / "demo.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_demo(out: str | Path) -> list[dict]:
+    """The R1 recipe at toy scale, no downloads: tokenizer and task built in, cold-start SFT of a tiny
+    V3 MoE (MLA, MoE, MTP), GRPO, rejection sampling; every model stage evaluated on held-out
+    problems and exported to Hugging Face format; a table and a plot."""
+    from r1jax.eval.metrics import format_table
+    from r1jax.pipeline import run_pipeline
+
     out = Path(out)
-    cfg = tiny_config()
-    params = init_params(cfg, jax.random.key(0))
-    print(f"model: DeepSeek-V3 architecture, {count_params(cfg):,} parameters "
-          f"({count_params(cfg, active=True):,} active per token), {cfg.num_dense_layers} dense + "
-          f"{cfg.num_moe_layers} MoE layers, MTP depth {cfg.num_nextn_predict_layers}")
-    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (4, 64)).astype(np.int32)
     t0 = time.perf_counter()
-    result = transformer.apply(params, tokens, cfg, with_mtp=True)
-    logits = np.asarray(result["logits"])
-    dt = time.perf_counter() - t0
-    load = np.asarray(result["moe"]["load"])
-    print(f"forward: logits {list(logits.shape)}, MTP logits {list(result['mtp_logits'].shape)}, {dt:.2f}s "
-          f"(with compile); expert load per MoE layer: {load.astype(int).tolist()}")
-    hf_dir = out / "hf"
-    r1jax.save_pretrained(hf_dir, cfg, params, overwrite=True)
-    cfg2, params2 = r1jax.load_pretrained(hf_dir)
-    same = np.array_equal(np.asarray(r1jax.forward(params2, tokens, cfg2)), logits)
-    print(f"exported to {hf_dir} (Hugging Face format); reloaded logits identical: {same}")
-    if not same:
-        raise SystemExit("demo: reloaded model gives different logits")
-    return {"logits_shape": logits.shape, "hf_dir": str(hf_dir)}
+    records = run_pipeline(demo_pipeline(out))
+    rows = [{"stage": r["name"], "kind": r["kind"], **r.get("eval", {}),
+             **({"kept": r["kept"]} if "kept" in r else {}), "seconds": r["seconds"]} for r in records]
+    table = format_table(rows)
+    print(table)
+    (out / "results.txt").write_text(table + "\n")
+    path = plot(out, records)
+    print(f"plot: {path}; Hugging Face exports: " + ", ".join(r["hf"] for r in records if "hf" in r))
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    return records

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import yaml
 
-from r1jax.config import ModelConfig, from_dict, to_dict
+from r1jax.config import ModelConfig, model_from_dict, to_dict
 from r1jax.errors import CheckpointError, ConfigError
 from r1jax.model.params import param_shapes
 
@@ -111,7 +111,7 @@ def read_model_config(directory) -> ModelConfig:
     except yaml.YAMLError as e:
         raise ConfigError(f"{f}: not valid YAML: {e}") from None
     try:
-        return from_dict(ModelConfig, d if d is not None else {})
+        return model_from_dict(d if d is not None else {})
     except ConfigError as e:
         raise ConfigError(f"{f}: {e}") from None
 
@@ -140,6 +140,11 @@ def _params_dir(path: Path) -> Path:
     if not steps:
         raise CheckpointError(f"{path}: has {CONFIG_FILE} but neither {PARAMS_ITEM}/ nor a complete training step")
     return path / str(steps[-1]) / PARAMS_ITEM
+
+
+def params_dir(path) -> Path:
+    """The orbax params directory `load_model` reads: DIR/params/, or DIR/<latest step>/params/."""
+    return _params_dir(Path(path))
 
 
 # --------------------------------------------------------------------------- load

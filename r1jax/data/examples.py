@@ -107,7 +107,8 @@ def sft_example(tok: Tokenizer, record: Mapping) -> dict[str, np.ndarray]:
 
 def prompt_example(tok: Tokenizer, record: Mapping, seq_len: int) -> dict[str, np.ndarray]:
     """Prompt ids left-padded to `seq_len` (generation starts at the same column for every row)."""
-    ids = encode_prompt(tok, _as_messages(_field(record, "prompt"), "prompt"))
+    messages = _as_messages(_field(record, "prompt"), "prompt")
+    ids = encode_prompt(tok, messages)
     if len(ids) > seq_len:
         raise DataError(f"prompt is {len(ids)} tokens, longer than seq_len={seq_len}")
     answer = _field(record, "answer")
@@ -118,7 +119,9 @@ def prompt_example(tok: Tokenizer, record: Mapping, seq_len: int) -> dict[str, n
     mask = np.zeros(seq_len, np.int32)
     mask[seq_len - len(ids):] = 1
     return {"tokens": tokens, "prompt_mask": mask, "answer": np.str_(str(answer)),
-            "prompt": np.str_(tok.decode(ids))}
+            "prompt": np.str_(tok.decode(ids)),
+            # The prompt's chat turns as JSON, for writing new chat datasets (rejection sampling).
+            "messages": np.str_(json.dumps(list(messages)))}
 
 
 class RowFormatter:

@@ -16,6 +16,10 @@ import jax.numpy as jnp
 from r1jax.config import ModelConfig
 from r1jax.model import rope
 from r1jax.model.layers import rms_norm
+from r1jax.parallel.rules import constrain
+
+# Per-head activations are split like the heads of the weights (tensor parallelism); no-ops without a mesh.
+PER_HEAD = ("batch", "length", "act_heads", None)
 
 NEG_INF = -1e30  # finite, so a fully masked row (padding) gives uniform weights instead of NaN
 
@@ -29,6 +33,7 @@ def queries(p: dict, x: jax.Array, cos, sin, cfg: ModelConfig) -> tuple[jax.Arra
         if "q_a_bias" in p:
             qa = qa + p["q_a_bias"]
         q = jnp.einsum("BTQ,QHK->BTHK", rms_norm(p["q_a_norm"], qa, cfg.rms_norm_eps), p["q_b"])
+    q = constrain(q, PER_HEAD)
     q_nope, q_rope = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
     return q_nope, rope.rotate(q_rope, cos, sin, cfg.rope_interleave)
 
@@ -61,11 +66,11 @@ def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, 
     cos, sin = rope.tables(positions, cfg)
     q_nope, q_rope = queries(p, x, cos, sin, cfg)
     c, k_rope = latent_kv(p, x, cos, sin, cfg)
-    kv = jnp.einsum("BSL,LHC->BSHC", c, p["kv_b"])
+    kv = constrain(jnp.einsum("BSL,LHC->BSHC", c, p["kv_b"]), PER_HEAD)
     k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
     # q·k = q_nope·k_nope + q_rope·k_rope; the rope key is one head shared by all (spec §3).
     scores = jnp.einsum("BTHN,BSHN->BHTS", q_nope, k_nope, preferred_element_type=jnp.float32)
     scores += jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
     scores = jnp.where(mask(segment_ids), scores * rope.softmax_scale(cfg), NEG_INF)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return output(p, jnp.einsum("BHTS,BSHV->BTHV", weights, v))
+    return output(p, constrain(jnp.einsum("BHTS,BSHV->BTHV", weights, v), PER_HEAD))

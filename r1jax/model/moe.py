@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
 from r1jax.model.layers import swiglu
+from r1jax.parallel import experts
 
 
 # --------------------------------------------------------------------------- routing
@@ -54,6 +55,7 @@ def route(p: dict, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array
 
 # --------------------------------------------------------------------------- dispatch strategies
 # Each: (experts params, x [N,D], weights [N,k], ids [N,k], cfg) -> (y [N,D] f32, dropped i32).
+# `ragged` and `capacity` take the expert FFN as `ffn`, so expert parallelism can swap in an exchange.
 
 
 def _dense(p, x, weights, ids, cfg):
@@ -66,16 +68,20 @@ def _dense(p, x, weights, ids, cfg):
     return jnp.einsum("NED,NE->ND", out.astype(jnp.float32), combine), jnp.int32(0)
 
 
-def _ragged(p, x, weights, ids, cfg):
-    """Dropless: sort token copies by expert and run one grouped matmul per projection."""
+def _ragged_ffn(p, xs, sizes):
+    """One grouped matmul per projection. xs [M,D] sorted by expert, sizes [E] -> [M,D]."""
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, p["gate"], sizes)) * jax.lax.ragged_dot(xs, p["up"], sizes)
+    return jax.lax.ragged_dot(h, p["down"], sizes)
+
+
+def _ragged(p, x, weights, ids, cfg, ffn=_ragged_ffn):
+    """Dropless: sort token copies by expert and run the experts on their contiguous rows."""
     N, k = ids.shape
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
     sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
-    xs = x[token]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, p["gate"], sizes)) * jax.lax.ragged_dot(xs, p["up"], sizes)
-    out = jax.lax.ragged_dot(h, p["down"], sizes).astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    out = ffn(p, x[token], sizes).astype(jnp.float32) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((N, x.shape[1]), jnp.float32).at[token].add(out), jnp.int32(0)
 
 
@@ -84,7 +90,13 @@ def capacity(num_tokens: int, cfg: ModelConfig) -> int:
     return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.num_experts_per_tok / cfg.n_routed_experts))
 
 
-def _capacity(p, x, weights, ids, cfg):
+def _grouped_ffn(p, buf):
+    """Every expert on its slots. buf [E,C,D] -> [E,C,D]."""
+    h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", buf, p["gate"])) * jnp.einsum("ECD,EDF->ECF", buf, p["up"])
+    return jnp.einsum("ECF,EFD->ECD", h, p["down"])
+
+
+def _capacity(p, x, weights, ids, cfg, ffn=_grouped_ffn):
     """Fixed slots per expert (GShard style); first choices fill slots before second choices;
     overflow copies are dropped and counted."""
     N, k = ids.shape
@@ -96,15 +108,22 @@ def _capacity(p, x, weights, ids, cfg):
     slot = jnp.where(keep, flat * C + pos, E * C)  # E·C = out of range -> dropped by mode="drop"
     token = jnp.tile(jnp.arange(N), k)
     buf = jnp.zeros((E * C, x.shape[1]), x.dtype).at[slot].set(x[token], mode="drop").reshape(E, C, -1)
-    h = jax.nn.silu(jnp.einsum("ECD,EDF->ECF", buf, p["gate"])) * jnp.einsum("ECD,EDF->ECF", buf, p["up"])
-    out = jnp.einsum("ECF,EFD->ECD", h, p["down"]).reshape(E * C, -1)
+    out = ffn(p, buf).reshape(E * C, -1)
     got = out.at[slot].get(mode="fill", fill_value=0).astype(jnp.float32)
     w = jnp.where(keep, weights.T.reshape(-1), 0.0)[:, None]
     y = jnp.zeros((N, x.shape[1]), jnp.float32).at[token].add(got * w)
     return y, jnp.sum(~keep).astype(jnp.int32)
 
 
-DISPATCH = {"dense": _dense, "ragged": _ragged, "capacity": _capacity}
+# The *_ep strategies run the local ones per device inside shard_map, exchanging token copies with
+# the devices that own their experts (r1jax/parallel/experts.py).
+DISPATCH = {
+    "dense": _dense,
+    "ragged": _ragged,
+    "capacity": _capacity,
+    "capacity_ep": experts.expert_parallel(_capacity, experts.exchange_slots(_grouped_ffn)),
+    "ragged_ep": experts.expert_parallel(_ragged, experts.exchange_ragged(_ragged_ffn)),
+}
 
 
 # --------------------------------------------------------------------------- the layer

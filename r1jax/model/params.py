@@ -2,7 +2,9 @@
 
 Init, sharding rules, HF conversion and checkpoints all read `param_table(cfg)`; nothing else
 declares a parameter. Layers of one kind are stacked on a leading `layers` axis so the forward pass
-can `jax.lax.scan` over them; routed experts are stacked on an `expert` axis.
+can `jax.lax.scan` over them; routed experts are stacked on an `expert` axis. This file holds the
+DeepSeek table; a dense student's (DenseConfig) is in `model/dense.py`, built from the helpers here,
+and the functions below dispatch on the config type.
 
 Legend: D model · V vocab · Q q latent · L kv latent · R rope dim · N nope dim · K qk head dim (N+R)
 · H heads · Vh value head dim · F dense ffn hidden · Fm expert ffn hidden · Fs shared ffn hidden
@@ -22,7 +24,7 @@ import zlib
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
+from r1jax.config import DenseConfig, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,8 +137,17 @@ def _stack(tree, n: int):
     )
 
 
-def stack_layout(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+def _dense():
+    """model/dense.py, imported on use: it builds its table from this file's helpers."""
+    from r1jax.model import dense
+
+    return dense
+
+
+def stack_layout(cfg: ModelConfig | DenseConfig) -> dict[str, tuple[int, int]]:
     """Stacked group → (first HF layer index, number of layers); empty groups are left out."""
+    if isinstance(cfg, DenseConfig):
+        return _dense().stack_layout(cfg)
     out = {
         "dense_layers": (0, cfg.num_dense_layers),
         "moe_layers": (cfg.num_dense_layers, cfg.num_moe_layers),
@@ -145,8 +156,10 @@ def stack_layout(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     return {k: v for k, v in out.items() if v[1] > 0}
 
 
-def param_table(cfg: ModelConfig) -> dict:
+def param_table(cfg: ModelConfig | DenseConfig) -> dict:
     """Nested dict of ParamSpec mirroring the params pytree."""
+    if isinstance(cfg, DenseConfig):
+        return _dense().param_table(cfg)
     D, V = cfg.hidden_size, cfg.vocab_size
     table = {
         "embed": ParamSpec((V, D), ("vocab", "embed"), "normal", "model.embed_tokens.weight"),

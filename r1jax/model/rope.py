@@ -1,7 +1,9 @@
-"""Rotary position embedding with YaRN scaling, as DeepSeek-V2/V3 and transformers compute it.
+"""Rotary position embedding with YaRN or llama3 scaling, as DeepSeek-V2/V3, Qwen2, Llama and
+transformers compute it.
 
-Legend: B batch · T positions · H heads · R rope dim (qk_rope_head_dim) · P rope pairs (R/2).
-Only the decoupled rope part of queries and keys is rotated (spec §3).
+Legend: B batch · T positions · H heads · R rope dim · P rope pairs (R/2).
+MLA rotates only the decoupled rope part of queries and keys (R = qk_rope_head_dim, spec §3); a dense
+student rotates whole heads (R = head dim) in the half-split pairing.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.config import ModelConfig
+from r1jax.config import DenseConfig, ModelConfig
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -34,12 +36,33 @@ def _original_max(cfg: ModelConfig) -> int:
     return cfg.rope_scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings
 
 
-def inverse_frequencies(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+def rope_dim(cfg: ModelConfig | DenseConfig) -> int:
+    """R: the rotated width of one head."""
+    return cfg.attn_head_dim if isinstance(cfg, DenseConfig) else cfg.qk_rope_head_dim
+
+
+def llama3_frequencies(inv: np.ndarray, rs) -> np.ndarray:
+    """Llama 3.1 scaling (transformers `_compute_llama3_parameters`): wavelengths longer than
+    original/low_freq_factor are divided by `factor`, shorter than original/high_freq_factor kept, and
+    the band between blends the two by where original/wavelength falls between the two factors."""
+    factor, low, high = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    original = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    scaled = np.where(wavelen > original / low, inv / factor, inv)
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return np.where(medium, blended, scaled)
+
+
+def inverse_frequencies(cfg: ModelConfig | DenseConfig) -> tuple[np.ndarray, float]:
     """inv_freq [P] (float32) and the factor cos/sin are multiplied by (spec §4)."""
-    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    dim, base = rope_dim(cfg), cfg.rope_theta
     inv_extra = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if cfg.rope_type == "default":
         return inv_extra.astype(np.float32), 1.0
+    if cfg.rope_type == "llama3":
+        return llama3_frequencies(inv_extra, cfg.rope_scaling).astype(np.float32), 1.0
     rs = cfg.rope_scaling
     factor = _yarn_factor(cfg)
     mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
@@ -79,7 +102,7 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return scale
 
 
-def tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+def tables(positions: jax.Array, cfg: ModelConfig | DenseConfig) -> tuple[jax.Array, jax.Array]:
     """positions [B,T] int -> cos, sin [B,T,P] float32 (attention factor folded in)."""
     inv, factor = inverse_frequencies(cfg)
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)

@@ -14,6 +14,11 @@ import jax.numpy as jnp
 from r1jax.config import ModelConfig
 from r1jax.model import attention, moe
 from r1jax.model.layers import cast_tree, rms_norm, swiglu
+from r1jax.parallel.rules import constrain
+
+# Logical names of the residual stream and of the logits (sharding constraints; no-ops without a mesh).
+HIDDEN = ("batch", "length", "act_embed")
+LOGITS = ("batch", "length", "act_vocab")
 
 # remat_policy name -> jax.checkpoint policy (None = no rematerialization).
 REMAT_POLICIES = {
@@ -32,13 +37,14 @@ def _no_moe_stats(cfg: ModelConfig) -> dict:
 def block(p: dict, h: jax.Array, positions, segment_ids, cfg: ModelConfig, is_moe: bool):
     """One decoder layer (spec §2). h [B,T,D] -> h [B,T,D], MoE stats."""
     p = cast_tree(p, jnp.dtype(cfg.dtype))
+    h = constrain(h, HIDDEN)
     h = h + attention.attend(p["attn"], rms_norm(p["input_norm"], h, cfg.rms_norm_eps), positions, segment_ids, cfg)
     x = rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps)
     if is_moe:
         y, stats = moe.apply(p["mlp"], x, segment_ids, cfg)
     else:
         y, stats = swiglu(p["mlp"], x), _no_moe_stats(cfg)
-    return h + y, stats
+    return constrain(h + y, HIDDEN), stats
 
 
 def _scan_blocks(stacked: dict, h, positions, segment_ids, cfg: ModelConfig, is_moe: bool):
@@ -53,13 +59,16 @@ def _scan_blocks(stacked: dict, h, positions, segment_ids, cfg: ModelConfig, is_
 
 
 def embed(params: dict, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    return jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(cfg.dtype))
+    # Gather the table's FSDP-split model dim first (its gradient is then reduce-scattered), so the
+    # lookup's rows follow the tokens' batch split rather than the table's.
+    table = constrain(params["embed"], ("vocab", None))
+    return constrain(jnp.take(table, tokens, axis=0).astype(jnp.dtype(cfg.dtype)), HIDDEN)
 
 
 def head(w: jax.Array, norm_w: jax.Array, h: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Final norm + projection to the vocabulary. h [B,T,D] -> logits [B,T,V] float32."""
     x = rms_norm(norm_w, h, cfg.rms_norm_eps)
-    return jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return constrain(jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype), preferred_element_type=jnp.float32), LOGITS)
 
 
 def lm_head_weight(params: dict) -> jax.Array:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import GRPOConfig, ModelConfig
-from r1jax.model import transformer
+from r1jax import model
 
 LOG_RATIO_CLAMP = 20.0  # keeps exp() finite when policies drift far apart
 
@@ -36,18 +36,18 @@ def token_logprobs(params: dict, tokens: jax.Array, positions: jax.Array, segmen
     """log π(tokens[t+1] | tokens[..t]) / temperature-scaled, for t = 0..T-2 -> [N, T-1] (and the
     policy entropy per position). Logits are made C positions at a time under jax.checkpoint, so a
     full [N, T, V] block never exists, forward or backward."""
-    h, _ = transformer.hidden(params, tokens, cfg, positions, segment_ids)
+    h, _ = model.hidden(params, tokens, cfg, positions, segment_ids)
     h = h[:, :-1]
     targets = tokens[:, 1:]
     N, T1, D = h.shape
     pad = (-T1) % chunk
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    w = transformer.lm_head_weight(params)
+    w = model.lm_head_weight(params)
 
     @jax.checkpoint
     def one(hc, tc):
-        logits = transformer.head(w, params["final_norm"], hc, cfg) / temperature  # [N,C,V] f32
+        logits = model.head(w, params["final_norm"], hc, cfg) / temperature  # [N,C,V] f32
         lse = jax.nn.logsumexp(logits, axis=-1)
         lp = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0] - lse
         ent = lse - jnp.sum(jax.nn.softmax(logits, -1) * logits, -1) if with_entropy else jnp.zeros_like(lse)

@@ -2,21 +2,25 @@
 
 Legend: B batch · T new positions this call · P prompt bucket · S cache slots (P + max_new - 1)
 · D model · H heads · N nope dim · R rope dim · K qk head dim (N+R) · V value head dim
-· L kv latent · Y layers in one stacked group · W vocab.
+· L kv latent · G kv heads · J query heads per kv head (H/G) · Y layers in one stacked group · W vocab.
 
 Cache layout. Prompts are right-padded to a power-of-two bucket P and written to slots 0..P-1; the
 i-th generated token (i ≥ 1 is fed back) goes to slot P+i-1 in every row, while its rope position is
 row_len+i-1, so every row writes the same slot (one dynamic_update_slice) and the holes between a
 row's prompt and slot P are masked. Keys carry their rope rotation, so slot ≠ position is harmless.
 
-Two cache modes (`CACHES`):
+Cache modes, per architecture. DeepSeek (ModelConfig, `CACHES`):
 - "latent": MLA absorbed decode (DeepSeek-V2 §2.1.2). The cache holds the normalized latent c [L]
   and the rotated shared rope key [R] per token and layer; kv_b's key part is folded into the query
   (q_nope → latent space) and its value part into the output, so keys/values are never expanded.
 - "expanded": per-head keys [H,K] and values [H,V], as the training form computes them. Reference.
+Dense students (DenseConfig, `DENSE_CACHES`):
+- "gqa": rotated keys and values per kv head [G,K]; each is read by its J query heads.
+The first mode listed is the architecture's default.
 
-The decoder layer reuses the model's pieces (`attention.queries/latent_kv/output`, `rms_norm`,
-`moe.apply`, `swiglu`, `cast_tree`, `transformer.embed/head`); only attention over the cache is here.
+The decoder layer reuses the model's pieces (`attention.queries/latent_kv/output`, `dense.project/
+output`, `rms_norm`, `moe.apply`, `swiglu`, `cast_tree`, `transformer.embed/head`); only attention
+over the cache is here.
 """
 
 from __future__ import annotations
@@ -32,9 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from r1jax.config import ModelConfig
+from r1jax.config import DenseConfig, ModelConfig
 from r1jax.errors import ConfigError, DataError
-from r1jax.model import attention, moe, rope, transformer
+from r1jax.model import attention, dense, moe, rope, transformer
 from r1jax.model.layers import cast_tree, rms_norm, swiglu
 
 # Mesh axes the batch is split over when `mesh=` is given (those present in the mesh).
@@ -112,28 +116,85 @@ def _expanded_widths(cfg: ModelConfig) -> dict:
     return {"k": (H, cfg.qk_head_dim), "v": (H, cfg.v_head_dim)}
 
 
+def _gqa_project(p, x, cos, sin, cfg):
+    q, k, v = dense.project(p, x, cos, sin, cfg)
+    return dense.grouped(q, cfg.num_key_value_heads), {"k": k, "v": v}
+
+
+def _gqa_scores(q, entry):
+    B, T, G, J, _ = q.shape
+    s = jnp.einsum("BTGJK,BSGK->BTGJS", q, entry["k"], preferred_element_type=jnp.float32)
+    return s.reshape(B, T, G * J, -1)
+
+
+def _gqa_mix(weights, entry):
+    B, T, H, S = weights.shape
+    G = entry["v"].shape[2]
+    w = weights.reshape(B, T, G, H // G, S).astype(entry["v"].dtype)
+    return jnp.einsum("BTGJS,BSGK->BTGJK", w, entry["v"]).reshape(B, T, H, -1)
+
+
+def _gqa_output(p, ctx, cfg):
+    return dense.output(p, ctx)
+
+
+def _gqa_widths(cfg: DenseConfig) -> dict:
+    G, K = cfg.num_key_value_heads, cfg.attn_head_dim
+    return {"k": (G, K), "v": (G, K)}
+
+
 @dataclasses.dataclass(frozen=True)
 class CacheMode:
-    entry: callable  # (attn params, c [B,T,L], k_rope [B,T,R], cfg) -> per-token cache entry
-    query: callable  # (attn params, q_nope, q_rope, cfg) -> query in the cache's key space
+    project: callable  # (attn params, x [B,T,D], cos, sin, cfg) -> query in the cache's key space, new entry
     # Scores are laid out [B,T,H,S]: on CPU, XLA's batched dots run about 2x faster than with [B,H,T,S].
     scores: callable  # (query, entry) -> [B,T,H,S] f32, unscaled
     mix: callable  # (weights [B,T,H,S], entry) -> context in the cache's value space
-    finish: callable  # (attn params, context, cfg) -> [B,T,H,V]
+    output: callable  # (attn params, context, cfg) -> [B,T,D]
     widths: callable  # cfg -> {name: per-token trailing shape}
+    scale: callable  # cfg -> softmax scale
+
+
+def _mla_mode(entry, query, scores, mix, finish, widths) -> CacheMode:
+    """An MLA cache: `entry` maps the latent c [B,T,L] and k_rope [B,T,R] to what is cached, `query`
+    maps q_nope/q_rope into the cache's key space, `finish` maps the mixed context to [B,T,H,V]."""
+    def project(p, x, cos, sin, cfg):
+        q_nope, q_rope = attention.queries(p, x, cos, sin, cfg)
+        return query(p, q_nope, q_rope, cfg), entry(p, *attention.latent_kv(p, x, cos, sin, cfg), cfg)
+
+    def output(p, ctx, cfg):
+        return attention.output(p, finish(p, ctx, cfg))
+
+    return CacheMode(project, scores, mix, output, widths, rope.softmax_scale)
 
 
 CACHES = {
-    "latent": CacheMode(_latent_entry, _latent_query, _latent_scores, _latent_mix, _latent_finish,
-                        _latent_widths),
-    "expanded": CacheMode(_expanded_entry, _expanded_query, _expanded_scores, _expanded_mix,
-                          _expanded_finish, _expanded_widths),
+    "latent": _mla_mode(_latent_entry, _latent_query, _latent_scores, _latent_mix, _latent_finish, _latent_widths),
+    "expanded": _mla_mode(_expanded_entry, _expanded_query, _expanded_scores, _expanded_mix, _expanded_finish,
+                          _expanded_widths),
+}
+DENSE_CACHES = {
+    "gqa": CacheMode(_gqa_project, _gqa_scores, _gqa_mix, _gqa_output, _gqa_widths, dense.softmax_scale),
 }
 
 
-def cache_bytes_per_token(cfg: ModelConfig, cache: str = "latent") -> int:
+def cache_modes(cfg: ModelConfig | DenseConfig) -> dict[str, CacheMode]:
+    """The cache modes of cfg's architecture, its default first."""
+    return DENSE_CACHES if isinstance(cfg, DenseConfig) else CACHES
+
+
+def resolve_cache(cfg: ModelConfig | DenseConfig, cache: str | None) -> str:
+    """The cache mode's name: `cache`, or the architecture's default when None."""
+    modes = cache_modes(cfg)
+    if cache is None:
+        return next(iter(modes))
+    if cache not in modes:
+        raise ConfigError(f"cache: unknown mode {cache!r} for {cfg.model_type}; valid: {', '.join(sorted(modes))}")
+    return cache
+
+
+def cache_bytes_per_token(cfg: ModelConfig | DenseConfig, cache: str | None = None) -> int:
     """Bytes one token occupies in the cache, summed over all layers."""
-    per_layer = sum(int(np.prod(w)) for w in CACHES[cache].widths(cfg).values())
+    per_layer = sum(int(np.prod(w)) for w in cache_modes(cfg)[resolve_cache(cfg, cache)].widths(cfg).values())
     return per_layer * cfg.num_hidden_layers * jnp.dtype(cfg.dtype).itemsize
 
 
@@ -141,25 +202,23 @@ def cache_bytes_per_token(cfg: ModelConfig, cache: str = "latent") -> int:
 
 
 def attend_cached(p, x, cos, sin, new_mask, old, old_mask, cfg: ModelConfig, mode: CacheMode):
-    """MLA for T new tokens over the cached entries `old` (None at prefill) and themselves.
+    """Attention for T new tokens over the cached entries `old` (None at prefill) and themselves.
 
     x [B,T,D], cos/sin [B,T,R/2] of the new positions, new_mask [B,T,T] (causal, valid keys),
     old_mask [B,S] -> y [B,T,D], the new tokens' cache entries.
     """
-    q_nope, q_rope = attention.queries(p, x, cos, sin, cfg)
-    new = mode.entry(p, *attention.latent_kv(p, x, cos, sin, cfg), cfg)
-    q = mode.query(p, q_nope, q_rope, cfg)
+    q, new = mode.project(p, x, cos, sin, cfg)
     blocks = [(new, new_mask[:, :, None, :])]
     if old is not None:
         blocks.append((old, old_mask[:, None, None, :]))
-    scale = rope.softmax_scale(cfg)
+    scale = mode.scale(cfg)
     scores = [jnp.where(m, mode.scores(q, e) * scale, attention.NEG_INF) for e, m in blocks]
     weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # fp32 (spec §10)
     ctx, start = 0, 0
     for (e, _), s in zip(blocks, scores):
         ctx = ctx + mode.mix(weights[..., start : start + s.shape[-1]], e)
         start += s.shape[-1]
-    return attention.output(p, mode.finish(p, ctx, cfg)), new
+    return mode.output(p, ctx, cfg), new
 
 
 def _block(p, h, rot, valid, new_mask, old, old_mask, cfg: ModelConfig, mode: CacheMode, is_moe: bool):
@@ -173,7 +232,7 @@ def _block(p, h, rot, valid, new_mask, old, old_mask, cfg: ModelConfig, mode: Ca
     return h + y, new
 
 
-LAYER_GROUPS = (("dense_layers", False), ("moe_layers", True))
+LAYER_GROUPS = (("dense_layers", False), ("moe_layers", True), ("layers", False))  # the last: dense students
 
 
 def _layers(params, h, positions, valid, new_mask, cache, old_mask, cfg, mode):
@@ -298,7 +357,7 @@ def _generate(params, tokens, lengths, stop_table, row_ids, seed, temperature, t
     """tokens [B,P] right-padded, lengths [B], stop_table [B,X] (-1 = none) -> {tokens [B,M],
     logprobs [B,M], lengths [B] (generated), done [B], and with_logits: logits [B,M,W]}."""
     TRACE_COUNT["generate"] += 1
-    mode = CACHES[cache]
+    mode = cache_modes(cfg)[cache]
     B, P = tokens.shape
     M = max_new_tokens
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), row_ids)
@@ -373,7 +432,8 @@ def _check_token_id(name: str, value, cfg: ModelConfig) -> int:
     return int(value)
 
 
-def _check_options(max_new_tokens, temperature, top_p, top_k, cache, seed):
+def _check_options(max_new_tokens, temperature, top_p, top_k, cache, seed, modes):
+    """The sampling options; `cache` is None (the architecture's default) or one of `modes`."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens: must be an int >= 1, got {max_new_tokens!r}")
     if not np.isfinite(temperature) or temperature < 0:
@@ -384,8 +444,8 @@ def _check_options(max_new_tokens, temperature, top_p, top_k, cache, seed):
         raise ConfigError(f"top_k: must be an int >= 0 (0 = off), got {top_k!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ConfigError(f"seed: must be an int in [0, 2**32), got {seed!r}")
-    if cache not in CACHES:
-        raise ConfigError(f"cache: unknown mode {cache!r}; valid: {', '.join(sorted(CACHES))}")
+    if cache is not None and cache not in modes:
+        raise ConfigError(f"cache: unknown mode {cache!r}; valid: {', '.join(sorted(modes))}")
 
 
 def _stop_table(stop_ids, eos_id, batch: int, cfg: ModelConfig) -> np.ndarray:
@@ -453,26 +513,27 @@ def _sample(params, cfg, rows, *, max_new_tokens, temperature, top_p, top_k, see
         batch = [jax.device_put(a, split) for a in batch]
         params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
     # Inference is dropless (V3 §2.1.2): capacity drops would make a row depend on its batch.
-    if cfg.moe_dispatch in DROPLESS:
+    if isinstance(cfg, ModelConfig) and cfg.moe_dispatch in DROPLESS:
         cfg = cfg.replace(moe_dispatch=DROPLESS[cfg.moe_dispatch])
     fill = eos_id if eos_id is not None else (cfg.pad_token_id or 0)
     out = _generate(params, *batch, np.uint32(seed), np.float32(temperature), np.float32(top_p),
-                    np.int32(top_k), np.int32(fill), cfg=cfg, max_new_tokens=int(max_new_tokens), cache=cache,
-                    greedy=temperature == 0, truncate=bool(top_p < 1 or top_k > 0), with_logits=with_logits,
-                    mesh=mesh, axes=axes)
+                    np.int32(top_k), np.int32(fill), cfg=cfg, max_new_tokens=int(max_new_tokens),
+                    cache=resolve_cache(cfg, cache), greedy=temperature == 0,
+                    truncate=bool(top_p < 1 or top_k > 0), with_logits=with_logits, mesh=mesh, axes=axes)
     out = {k: np.asarray(jax.device_get(v))[:B] for k, v in out.items()}
     return SampleOutput(out["tokens"], out["logprobs"], out["lengths"], out["done"], out.get("logits"))
 
 
-def sample(params: dict, config: ModelConfig, prompts, *, max_new_tokens: int, temperature: float = 1.0,
-           top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | None = None, stop_ids=None,
-           cache: str = "latent", mesh=None, return_logits: bool = False) -> SampleOutput:
+def sample(params: dict, config: ModelConfig | DenseConfig, prompts, *, max_new_tokens: int,
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | None = None,
+           stop_ids=None, cache: str | None = None, mesh=None, return_logits: bool = False) -> SampleOutput:
     """Sample up to max_new_tokens per prompt. prompts: int [B,T] or a list of token-id lists (any
     lengths). temperature 0 = greedy; top_k 0 = off. A row stops at eos_id or any of stop_ids (ids
     for every row, or one list per row). Row b draws from fold_in(key(seed), b), so a row's sample
     does not depend on the rest of the batch or on the mesh. With `mesh`, the batch is split over its
-    "data"/"fsdp" axes and params are replicated. return_logits keeps every step's logits (B·M·W floats)."""
-    _check_options(max_new_tokens, temperature, top_p, top_k, cache, seed)
+    "data"/"fsdp" axes and params are replicated. return_logits keeps every step's logits (B·M·W floats).
+    cache: a mode of the config's architecture (`cache_modes`); None = its default (latent, gqa)."""
+    _check_options(max_new_tokens, temperature, top_p, top_k, cache, seed, cache_modes(config))
     if eos_id is not None:
         _check_token_id("eos_id", eos_id, config)
     rows = _check_prompts(prompts, config, max_new_tokens)
@@ -542,14 +603,15 @@ def _progress(total: int):
 
 def sample_file(model_dir, prompts_jsonl, out_jsonl, *, max_new_tokens: int, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_samples: int = 1, batch_size: int = 16,
-                cache: str = "latent") -> int:
+                cache: str | None = None) -> int:
     """Sample num_samples completions for each row of a jsonl of {"prompt_ids": [...]} (or {"prompt":
     text} when model_dir has tokenizer.json) and write one row per sample: the input row's fields plus
     prompt_index, sample_index, completion_ids, completion (text, with a tokenizer), logprobs,
     finish_reason. Stops at the config's EOS. Returns the number of rows written."""
     import r1jax
 
-    _check_options(max_new_tokens, temperature, top_p, top_k, cache, seed)
+    # The architecture is known only once the model is read: accept any architecture's mode name here.
+    _check_options(max_new_tokens, temperature, top_p, top_k, cache, seed, {**CACHES, **DENSE_CACHES})
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples: must be an int >= 1, got {num_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -561,6 +623,7 @@ def sample_file(model_dir, prompts_jsonl, out_jsonl, *, max_new_tokens: int, tem
         tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
     rows = _read_prompts(prompts_jsonl, tokenizer)
     cfg, params = r1jax.load_pretrained(model_dir)
+    cache = resolve_cache(cfg, cache)
     eos, extra_stops = _default_stops(cfg)
     if eos is not None:
         _check_token_id("eos_token_id (config.json)", eos, cfg)

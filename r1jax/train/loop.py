@@ -1,5 +1,9 @@
 """One training loop for pre-training and SFT (and reused by distillation): data → jitted step →
-metrics, evaluation, checkpoints, SIGTERM and NaN handling, exact resume."""
+metrics, evaluation, checkpoints, SIGTERM and NaN handling, exact resume.
+
+Every run is a mesh run (one CPU device is a 1×1×1×1 mesh): the state lives in the shardings the rules
+give it, each process feeds its rows of the global batch, and only process 0 writes files other than
+checkpoints (which every process writes its shards of)."""
 
 from __future__ import annotations
 
@@ -16,15 +20,19 @@ import yaml
 import r1jax
 from r1jax import config as config_lib
 from r1jax.checkpoint.manager import CheckpointManager, install_sigterm_handler, preemption_requested
-from r1jax.config import ModelConfig, TrainConfig
+from r1jax.config import DataConfig, ModelConfig, TrainConfig
 from r1jax.data.pipeline import make_iterator
 from r1jax.data.tokenizer import load_tokenizer
 from r1jax.errors import ConfigError, R1JaxError
 from r1jax.model.params import init_params
+from r1jax.parallel import mesh as mesh_lib
+from r1jax.parallel import rules as rules_lib
 from r1jax.train import flops, optimizer
 from r1jax.train.losses import lm_loss
 from r1jax.train.metrics import MetricsWriter, to_host
-from r1jax.train.step import StepOptions, init_state, make_train_step
+from r1jax.train.step import StepOptions, init_state, make_train_step, step_shardings
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 EXECUTION_FIELDS = ("dtype", "moe_dispatch", "capacity_factor", "remat_policy")
 
@@ -41,11 +49,13 @@ class RunResult:
     metrics: dict
 
 
-def resolve_model(cfg: TrainConfig):
-    """(ModelConfig, params or None): from init_from (architecture from the checkpoint) or cfg.model."""
+def resolve_model(cfg: TrainConfig, mesh=None):
+    """(ModelConfig, params or None): from init_from (architecture from the checkpoint, params placed on
+    `mesh` when given) or cfg.model."""
     if cfg.init_from is None:
         return cfg.model, None
-    model_cfg, params = r1jax.load_pretrained(cfg.init_from, dtype=cfg.model.param_dtype if cfg.model else None)
+    model_cfg, params = r1jax.load_pretrained(cfg.init_from, dtype=cfg.model.param_dtype if cfg.model else None,
+                                              mesh=mesh)
     if cfg.model is not None:
         arch = lambda c: {k: v for k, v in config_lib.to_dict(c).items()  # noqa: E731
                           if k not in EXECUTION_FIELDS + ("param_dtype", "hf_extra", "hf_rope_key")}
@@ -77,20 +87,36 @@ def _write_run_config(run_dir: Path, cfg: TrainConfig, model_cfg: ModelConfig) -
         (run_dir / f"config.resume-{n}.yaml").write_text(text)
 
 
-def evaluate(params, model_cfg: ModelConfig, cfg: TrainConfig, tok) -> dict:
+def evaluate(params, model_cfg: ModelConfig, cfg: TrainConfig, tok, mesh) -> dict:
     """Token-mean CE over eval_batches of eval_data (same loss as training, no MTP/balance)."""
     it = make_iterator(cfg.eval_data, tok)
-    loss = jax.jit(lambda p, b: lm_loss(p, b, model_cfg, mtp_weight=0.0, balance_alpha=0.0)[1])
+    shapes = batch_shapes(cfg.eval_data)
+    shardings = rules_lib.batch_shardings(shapes, mesh, cfg.mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    loss = jax.jit(lambda p, b: lm_loss(p, b, model_cfg, mtp_weight=0.0, balance_alpha=0.0)[1],
+                   in_shardings=(None, shardings), out_shardings=replicated)
     total, count = 0.0, 0.0
     for _ in range(cfg.eval_batches):
         try:
             batch = next(it)
         except StopIteration:
             break
-        aux = loss(params, jax.tree.map(jnp.asarray, batch))
+        aux = loss(params, global_batch(batch, shapes, shardings))
         total += float(aux["ce"]) * float(aux["tokens"])
         count += float(aux["tokens"])
     return {"eval/ce": total / max(count, 1.0), "eval/tokens": count}
+
+
+def batch_shapes(data: DataConfig) -> dict:
+    """Global shapes of one training batch (every process's rows together)."""
+    return {k: jax.ShapeDtypeStruct((data.batch_size, data.seq_len), jnp.int32) for k in BATCH_KEYS}
+
+
+def global_batch(local: dict, shapes: dict, shardings: dict) -> dict:
+    """This process's numpy rows -> global arrays. A process holds either its share of the rows (one data
+    shard per process) or all of them (`data.shard_count: 1`: every process reads the same stream)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k], np.int32), shapes[k].shape)
+            for k in shapes}
 
 
 def _progress(cfg: TrainConfig, start: int):
@@ -103,8 +129,11 @@ def _progress(cfg: TrainConfig, start: int):
 
 def train(cfg: TrainConfig) -> RunResult:
     """Run (or resume) a training run in cfg.out_dir."""
+    mesh_lib.initialize_distributed()
     run_dir = Path(cfg.out_dir)
-    model_cfg, params = resolve_model(cfg)
+    mesh = mesh_lib.build_mesh(cfg.mesh)
+    model_cfg, params = resolve_model(cfg, mesh)
+    mesh_lib.check_train(cfg, model_cfg, rules_lib.mesh_sizes(mesh))
     tok = load_tokenizer(cfg.data.tokenizer)
     _check_vocab(tok, model_cfg)
     ckpt_cfg = cfg.checkpoint
@@ -116,80 +145,82 @@ def train(cfg: TrainConfig) -> RunResult:
     tx = optimizer.build(cfg.optimizer, cfg.steps)
     opts = StepOptions(mtp_weight=cfg.mtp_loss_weight, balance_alpha=cfg.balance_loss_alpha,
                        bias_rate=cfg.router_bias_update_rate, grad_accum_steps=cfg.optimizer.grad_accum_steps)
-    step_fn = make_train_step(model_cfg, tx, opts)
+    shapes = batch_shapes(cfg.data)
+    abstract, shardings = step_shardings(model_cfg, tx, cfg.seed, mesh, cfg.mesh, shapes)
+    step_fn = make_train_step(model_cfg, tx, opts, shardings)
     lr_at = optimizer.schedule(cfg.optimizer, cfg.steps)
+    primary = jax.process_index() == 0
 
-    start = manager.latest_step()
-    if start is None:
-        state = init_state(params if params is not None else init_params(model_cfg, jax.random.key(cfg.seed)),
-                           tx, cfg.seed)
-        start = 0
-    else:
-        abstract = jax.eval_shape(lambda: init_state(init_params_abstract(model_cfg), tx, cfg.seed))
-        state, data_state = manager.restore(start, abstract_state=abstract)
-        data.set_state(data_state)
-    _write_run_config(run_dir, cfg, model_cfg)
-    writer = MetricsWriter(run_dir, resume_step=start)
-    install_sigterm_handler()
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    flops_per_step = flops.train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens_per_step
-    peak = cfg.peak_flops_per_device
-    if peak is None and jax.default_backend() == "cpu":
-        peak = flops.measured_matmul_flops()
-    bar = _progress(cfg, start)
-    status, last = "completed", {}
-    step, t_last, steps_since = start, time.perf_counter(), 0
-    try:
-        while step < cfg.steps:
-            try:
-                batch = next(data)
-            except StopIteration:
-                status = "data_exhausted"
-                break
-            state, metrics = step_fn(state, jax.tree.map(jnp.asarray, batch))
-            step += 1
-            steps_since += 1
-            if not bool(metrics["finite"]):
-                raise TrainingDiverged(
-                    f"step {step}: loss or gradient is not finite (loss={float(metrics['loss'])}, "
-                    f"grad_norm={float(metrics['grad_norm'])}); stopped without saving, the last good "
-                    f"checkpoint (step {manager.latest_step()}) is intact in {manager.directory}")
-            manager.save(step, state, data.get_state())
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                host = to_host(metrics)
-                dt = time.perf_counter() - t_last
-                host.update(lr=float(lr_at(step - 1)), step_time=dt / steps_since,
-                            tokens_per_s=tokens_per_step * steps_since / dt)
-                if peak:
-                    host["mfu"] = flops_per_step * steps_since / dt / (peak * jax.device_count())
-                host.pop("finite", None)
-                periodic = cfg.eval_every and step % cfg.eval_every == 0
-                if cfg.eval_data is not None and (periodic or step == cfg.steps):
-                    host.update(evaluate(state.params, model_cfg, cfg, tok))
-                writer.write(step, host)
-                last = host
-                t_last, steps_since = time.perf_counter(), 0
+    with rules_lib.sharding_context(mesh, cfg.mesh):
+        start = manager.latest_step()
+        if start is None:
+            if params is None:
+                params = init_params(model_cfg, jax.random.key(cfg.seed), out_shardings=shardings.state.params)
+            else:  # loaded with the default rules; this run's rules may differ
+                params = jax.device_put(params, shardings.state.params)
+            state = jax.jit(lambda p: init_state(p, tx, cfg.seed), out_shardings=shardings.state)(params)
+            start = 0
+        else:
+            state, data_state = manager.restore(start, abstract_state=abstract, shardings=shardings.state)
+            data.set_state(data_state)
+        if primary:
+            _write_run_config(run_dir, cfg, model_cfg)
+        writer = MetricsWriter(run_dir, resume_step=start)
+        install_sigterm_handler()
+        tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        flops_per_step = flops.train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens_per_step
+        peak = cfg.peak_flops_per_device
+        if peak is None and jax.default_backend() == "cpu":
+            peak = flops.measured_matmul_flops()
+        bar = _progress(cfg, start)
+        status, last = "completed", {}
+        step, t_last, steps_since = start, time.perf_counter(), 0
+        try:
+            while step < cfg.steps:
+                try:
+                    batch = next(data)
+                except StopIteration:
+                    status = "data_exhausted"
+                    break
+                state, metrics = step_fn(state, global_batch(batch, shapes, shardings.batch))
+                step += 1
+                steps_since += 1
+                if not bool(metrics["finite"]):
+                    raise TrainingDiverged(
+                        f"step {step}: loss or gradient is not finite (loss={float(metrics['loss'])}, "
+                        f"grad_norm={float(metrics['grad_norm'])}); stopped without saving, the last good "
+                        f"checkpoint (step {manager.latest_step()}) is intact in {manager.directory}")
+                manager.save(step, state, data.get_state())
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    host = to_host(metrics)
+                    dt = time.perf_counter() - t_last
+                    host.update(lr=float(lr_at(step - 1)), step_time=dt / steps_since,
+                                tokens_per_s=tokens_per_step * steps_since / dt)
+                    if peak:
+                        host["mfu"] = flops_per_step * steps_since / dt / (peak * jax.device_count())
+                    host.pop("finite", None)
+                    periodic = cfg.eval_every and step % cfg.eval_every == 0
+                    if cfg.eval_data is not None and (periodic or step == cfg.steps):
+                        host.update(evaluate(state.params, model_cfg, cfg, tok, mesh))
+                    writer.write(step, host)
+                    last = host
+                    t_last, steps_since = time.perf_counter(), 0
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{host['loss']:.4f}", refresh=False)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{host['loss']:.4f}", refresh=False)
-            if bar is not None:
-                bar.update(1)
-            if preemption_requested() or manager.reached_preemption(step):
+                    bar.update(1)
+                if preemption_requested() or manager.reached_preemption(step):
+                    manager.save(step, state, data.get_state(), force=True)
+                    status = "preempted"
+                    break
+            if status != "preempted":
                 manager.save(step, state, data.get_state(), force=True)
-                status = "preempted"
-                break
-        if status != "preempted":
-            manager.save(step, state, data.get_state(), force=True)
-    finally:
-        manager.wait()
-        manager.close()
-        writer.close()
-        if bar is not None:
-            bar.close()
-    (run_dir / "result.json").write_text(json.dumps({"status": status, "step": step, "metrics": last}, indent=1))
+        finally:
+            manager.wait()
+            manager.close()
+            writer.close()
+            if bar is not None:
+                bar.close()
+    if primary:
+        (run_dir / "result.json").write_text(json.dumps({"status": status, "step": step, "metrics": last}, indent=1))
     return RunResult(status, step, run_dir, last)
-
-
-def init_params_abstract(model_cfg: ModelConfig):
-    from r1jax.model.params import param_shapes
-
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes(model_cfg))

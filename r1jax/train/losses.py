@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.config import ModelConfig
-from r1jax.model import transformer
+from r1jax import model
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -43,8 +43,8 @@ def lm_loss(params: dict, batch: dict, cfg: ModelConfig, *, mtp_weight: float, b
     `other_scale` = 1/A turns the summed MTP and balance terms into means.
     """
     with_mtp = mtp_weight > 0 and cfg.num_nextn_predict_layers > 0
-    out = transformer.apply(params, batch["inputs"], cfg, batch["positions"], batch["segment_ids"],
-                            with_mtp=with_mtp)
+    out = model.apply(params, batch["inputs"], cfg, batch["positions"], batch["segment_ids"],
+                      with_mtp=with_mtp)
     ce_sum, n = cross_entropy(out["logits"], batch["targets"], batch["loss_mask"])
     ce = ce_sum / jnp.maximum(n if ce_denominator is None else ce_denominator, 1.0)
     total = ce

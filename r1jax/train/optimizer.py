@@ -29,9 +29,10 @@ def _leaf_name(path) -> str:
 
 
 def decay_mask(params):
-    """Weight decay only on matrices: not on norms, biases (1-D) or the router bias."""
-    return jax.tree_util.tree_map_with_path(lambda p, a: a.ndim > 1 and _leaf_name(p) != "router_bias"
-                                            and not _leaf_name(p).endswith("norm"), params)
+    """Weight decay only on matrices: not on norms, biases or the router bias. Names decide, not ndim
+    alone: a norm or bias stacked over layers is 2-D."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, a: a.ndim > 1 and not _leaf_name(p).endswith(("norm", "bias")), params)
 
 
 def trainable_labels(params):

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from r1jax.config import ModelConfig
+from r1jax.model.params import param_shapes
+from r1jax.parallel import rules as parallel_rules
 from r1jax.train import losses
 
 
@@ -119,5 +123,37 @@ def train_step(state: TrainState, batch: dict, *, cfg: ModelConfig, tx: optax.Gr
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, opts: StepOptions):
-    return jax.jit(functools.partial(train_step, cfg=cfg, tx=tx, opts=opts), donate_argnums=0)
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where a sharded step's inputs and outputs live: the state (params by the rules, Adam moments like
+    their params, the rest replicated), the batch (rows over the batch axes) and replicated metrics."""
+
+    state: Any
+    batch: dict
+    metrics: Any
+
+
+def abstract_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """The TrainState's shapes and dtypes, nothing allocated."""
+    return jax.eval_shape(lambda p: init_state(p, tx, seed), param_shapes(cfg))
+
+
+def step_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh, rules,
+                   batch_shapes: dict) -> tuple[TrainState, StepShardings]:
+    """(abstract state, shardings) of a train step on `mesh` under `rules` (a MeshConfig or pairs)."""
+    state = abstract_state(cfg, tx, seed)
+    params = parallel_rules.param_shardings(cfg, mesh, rules)
+    return state, StepShardings(state=parallel_rules.state_shardings(state, params, mesh),
+                                batch=parallel_rules.batch_shardings(batch_shapes, mesh, rules),
+                                metrics=NamedSharding(mesh, PartitionSpec()))
+
+
+def make_train_step(cfg: ModelConfig, tx: optax.GradientTransformation, opts: StepOptions,
+                    shardings: StepShardings | None = None):
+    """The jitted step; with `shardings`, compiled for them (call it inside
+    `parallel.rules.sharding_context` so the activation constraints and expert exchange see the mesh)."""
+    fn = functools.partial(train_step, cfg=cfg, tx=tx, opts=opts)
+    if shardings is None:
+        return jax.jit(fn, donate_argnums=0)
+    return jax.jit(fn, in_shardings=(shardings.state, shardings.batch),
+                   out_shardings=(shardings.state, shardings.metrics), donate_argnums=0)

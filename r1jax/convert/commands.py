@@ -1,0 +1,239 @@
+"""`r1jax convert`: Hugging Face safetensors ⇄ r1jax orbax checkpoints, streamed tensor by tensor.
+
+Host memory stays a small multiple of the largest single tensor whatever the model's size:
+HF → orbax fills one slab of a leaf (whole HF tensors, at most the largest tensor's bytes) from
+blocks of safetensors rows and writes it into the leaf's tensorstore array; orbax → HF reads one such
+slab back and writes its tensors' rows at their planned offsets in the safetensors shards. Both
+directions check everything they can (names, shapes, dtypes, headers, the destination) before
+writing, and the destination appears only once complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import functools
+import re
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from r1jax.checkpoint import orbax_io
+from r1jax.convert import hf, hf_io, orbax_stream
+from r1jax.convert.atomic import AtomicDir
+from r1jax.convert.safetensors_io import ShardedWriter
+from r1jax.errors import CheckpointError, ConfigError
+from r1jax.model.params import param_dtype
+
+DTYPES = ("bfloat16", "float32", "float16")
+MIN_CHUNK_BYTES = 4 << 20  # smallest stored chunk: per-file costs make kilobyte chunks ~5x slower
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size, key: str = "max_shard_size") -> int:
+    """Bytes from an int or a string like '5GB' (10^9, as Hugging Face counts), '512MiB' or '100000'."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(size))
+    if isinstance(size, bool) or not m or m.group(2).upper() not in _UNITS:
+        raise ConfigError(f"{key}: expected a size such as 5GB, 500MB, 2GiB or a byte count, got {size!r}")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if n <= 0:
+        raise ConfigError(f"{key}: must be positive, got {size!r}")
+    return n
+
+
+def _dtype(dtype) -> str | None:
+    if dtype is None:
+        return None
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in DTYPES:
+        raise ConfigError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    return name
+
+
+# glibc mallopt parameter numbers (malloc.h).
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_MAX = 32 << 20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: where the dynamic threshold tops out
+
+
+@contextlib.contextmanager
+def _buffers_returned_on_free(threshold: int = 1 << 20):
+    """Serve every allocation of `threshold` bytes or more with its own mmap while converting.
+
+    glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), after which
+    multi-MB buffers come from per-thread arenas; tensorstore's threads then strand freed chunk
+    buffers in their arenas and resident memory creeps to several times the data in flight, by how
+    much depending on thread timing (measured on a 480 MB model: peak 8x its largest tensor writing
+    orbax, 2-3.4x reading it; 2.2-2.4x with this). Afterwards the threshold is left at 32 MiB, where
+    a long-running process's dynamic threshold ends up anyway. A no-op without glibc."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None or not mallopt(_M_MMAP_THRESHOLD, threshold):
+        yield
+        return
+    try:
+        yield
+    finally:
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)
+
+
+def _bar(total: int, desc: str, progress: bool) -> tqdm:
+    # disable=None: shown on a terminal, silent in logs and pipes.
+    return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=None if progress else True)
+
+
+# --------------------------------------------------------------------------- HF -> orbax
+
+
+def _fill_leaf(entry: hf.Entry, source, dtype, budget: int, chunk: tuple[int, ...], bar: tqdm, store) -> None:
+    """Fill and write slab after slab; the next slab is read while tensorstore commits the previous
+    one, whose data it has copied by then (so at most one slab of ours and one of its in memory)."""
+    pending = None
+    for slab in hf.slabs(entry, budget, dtype.itemsize, chunk):
+        values = hf.fill_slab(entry, source, slab, dtype)
+        if pending is not None:
+            pending.result()
+        pending = store[slab].write(values)
+        pending.copy.result()
+        bar.update(values.nbytes)
+        del values
+    if pending is not None:
+        pending.result()
+
+
+def _budget(cfg) -> int:
+    """Bytes of one slab: the largest tensor, so a slab and the copy tensorstore makes of it stay
+    within twice the largest tensor."""
+    return max(hf.largest_tensor_bytes(cfg), MIN_CHUNK_BYTES)
+
+
+def _streamed_tree(ckpt: hf_io.HFCheckpoint, bar: tqdm) -> dict:
+    tree = {}
+    for e in hf.entries(ckpt.cfg):
+        dtype = np.dtype(param_dtype(e.spec, ckpt.cfg))
+        chunk = hf.chunk_lead(e, dtype.itemsize, MIN_CHUNK_BYTES)
+        fill = functools.partial(_fill_leaf, e, ckpt.source, dtype, _budget(ckpt.cfg), chunk, bar)
+        hf.set_leaf(tree, e.keys, orbax_stream.StreamedLeaf(e.spec.shape, dtype, chunk + e.inner_shape, fill))
+    return tree
+
+
+def _param_bytes(cfg) -> int:
+    return sum(int(np.prod(e.spec.shape)) * np.dtype(param_dtype(e.spec, cfg)).itemsize for e in hf.entries(cfg))
+
+
+def hf_to_orbax(src, dst, *, dtype=None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Convert a HF directory (bf16/fp32, or DeepSeek's FP8 release, dequantized) into an r1jax model
+    checkpoint: DST/config.yaml, DST/params/ (orbax) and the files that came with the weights
+    (tokenizer, generation_config.json, ...). DST loads with `r1jax.load_pretrained` and as a train
+    config's `init_from`. dtype defaults to the checkpoint's own (bfloat16 for FP8)."""
+    out = AtomicDir(dst, overwrite)
+    with hf_io.open_hf(src, _dtype(dtype)) as ckpt, out as tmp, _buffers_returned_on_free():
+        with _bar(_param_bytes(ckpt.cfg), "hf-to-orbax", progress) as bar:
+            orbax_stream.save_params(tmp / orbax_io.PARAMS_ITEM, _streamed_tree(ckpt, bar))
+        orbax_io.write_model_config(tmp, ckpt.cfg)
+        hf_io.copy_assets(src, tmp)
+    return Path(dst)
+
+
+# --------------------------------------------------------------------------- orbax -> HF
+
+
+def _open_orbax(src: Path):
+    cfg = orbax_io.read_model_config(src)
+    ents = hf.entries(cfg)
+    expected = {e.leaf_name: jax.ShapeDtypeStruct(e.spec.shape, param_dtype(e.spec, cfg)) for e in ents}
+    return cfg, ents, orbax_stream.open_leaves(orbax_io.params_dir(src), expected)
+
+
+def _read_slabs(entry: hf.Entry, store, cfg, budget: int):
+    """(slab, values) of one leaf, in slabs of whole stored chunks. The next slab is read while the
+    caller writes the current one whenever the two fit in the budget together (tensorstore briefly
+    holds its own copy of a slab being read, so that keeps the total near twice the budget)."""
+    itemsize = np.dtype(param_dtype(entry.spec, cfg)).itemsize
+    todo = list(hf.slabs(entry, budget // 2, itemsize, orbax_stream.chunk_lead(store, entry.lead)))
+    size = lambda slab: int(np.prod(hf.slab_shape(entry, slab))) * itemsize  # noqa: E731
+    ahead = None
+    for i, slab in enumerate(todo):
+        try:
+            values = (ahead if ahead is not None else store[slab].read()).result()
+        except ValueError as e:  # tensorstore's errors: a missing or corrupt chunk
+            raise CheckpointError(f"leaf '{entry.leaf_name}' [{_fmt_slab(slab)}]: cannot read ({e})") from None
+        following = todo[i + 1] if i + 1 < len(todo) else None
+        ahead = store[following].read() if following and size(slab) + size(following) <= budget else None
+        yield slab, values
+        del values
+
+
+def _fmt_slab(slab: hf.Slab) -> str:
+    return ", ".join(f"{s.start}:{s.stop}" for s in slab)
+
+
+def orbax_to_hf(src, dst, *, max_shard_size="5GB", dtype=None, overwrite: bool = False,
+                progress: bool = True) -> Path:
+    """Convert an r1jax checkpoint (a model checkpoint, or the latest step of a training checkpoint)
+    into a HF directory: sharded safetensors of at most max_shard_size each (a larger tensor gets a
+    shard of its own) with model.safetensors.index.json, config.json, generation_config.json and the
+    files that came with the checkpoint. The MTP module is written as layer num_hidden_layers."""
+    out = AtomicDir(dst, overwrite)
+    max_bytes, dtype, src = parse_size(max_shard_size), _dtype(dtype), Path(src)
+    cfg, ents, stores = _open_orbax(src)
+    plan = hf.tensor_plan(cfg, dtype)
+    budget = _budget(cfg)
+    with out as tmp, _buffers_returned_on_free():
+        with ShardedWriter(tmp, plan, max_bytes) as writer, _bar(sum(p.nbytes for p in plan), "orbax-to-hf",
+                                                                 progress) as bar:
+            for e in ents:
+                for slab, values in _read_slabs(e, stores[e.leaf_name], cfg, budget):
+                    bar.update(hf.write_leaf(writer, e, cfg, slab, values, dtype))
+                    del values  # before the generator reads on
+        hf_io.write_config_files(tmp, cfg, dtype or cfg.param_dtype, assets_from=src)
+    return Path(dst)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _run_hf_to_orbax(args) -> int:
+    out = hf_to_orbax(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"r1jax convert: wrote the orbax checkpoint {out}")
+    return 0
+
+
+def _run_orbax_to_hf(args) -> int:
+    out = orbax_to_hf(args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                      overwrite=args.overwrite)
+    print(f"r1jax convert: wrote the Hugging Face directory {out}")
+    return 0
+
+
+def add_convert_parser(subparsers) -> argparse.ArgumentParser:
+    """Add `convert hf-to-orbax SRC DST` and `convert orbax-to-hf SRC DST` to an argparse subparsers
+    object; each sets `func(args) -> exit code`."""
+    parser = subparsers.add_parser("convert", help="convert weights: Hugging Face safetensors <-> r1jax orbax",
+                                   description="Convert weights between Hugging Face safetensors directories "
+                                               "(bf16/fp32 or DeepSeek's FP8 release) and r1jax orbax checkpoints, "
+                                               "streamed tensor by tensor.")
+    sub = parser.add_subparsers(dest="direction", required=True)
+    a = sub.add_parser("hf-to-orbax", help="HF directory (bf16/fp32 or the FP8 release) -> r1jax checkpoint")
+    a.add_argument("src", metavar="SRC", help="Hugging Face directory: config.json + safetensors (+ index)")
+    a.add_argument("dst", metavar="DST", help="r1jax checkpoint directory to create")
+    a.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the checkpoint's; bfloat16 for FP8)")
+    a.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    a.set_defaults(func=_run_hf_to_orbax)
+    b = sub.add_parser("orbax-to-hf", help="r1jax checkpoint -> Hugging Face directory")
+    b.add_argument("src", metavar="SRC", help="r1jax model checkpoint, or training checkpoint directory (latest step)")
+    b.add_argument("dst", metavar="DST", help="Hugging Face directory to create")
+    b.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
+    b.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: the checkpoint's)")
+    b.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    b.set_defaults(func=_run_orbax_to_hf)
+    return parser

@@ -1,0 +1,164 @@
+"""Dense decoder-only students (the R1-Distill bases, spec §9): Qwen2 and Llama.
+
+A layer is `h = x + attn(rmsnorm(x)); y = h + swiglu(rmsnorm(h))`, as DeepSeek's dense layers, with
+grouped-query attention in place of MLA: G key/value heads, each read by J = H/G query heads (query
+head h uses kv head h // J, as HF's `repeat_kv` lays them out). RoPE rotates whole heads in the
+half-split pairing (HF `rotate_half`), with llama3 or YaRN frequency scaling (rope.py). Qwen2 adds
+biases to q/k/v; Llama's `attention_bias` adds them to q/k/v and o.
+
+Legend: B batch · T query positions · S key positions · D model · H query heads · G kv heads
+· J query heads per kv head (H/G) · K head dim · F ffn hidden · V vocab.
+
+Layout: this file holds the architecture's one parameter table (`params.param_table` dispatches here).
+Linear maps are input-first and split into heads like MLA's: `q [D,H,K]`, `k`/`v [D,G,K]`,
+`o [H,K,D]`. Biases stay flat as HF stores them (`[H·K]`, `[G·K]`), so conversion copies them as they
+are; the forward views them per head. The layers are one stack, `layers`, scanned like
+transformer.py's (same per-layer keys, so the sampler's decoder layer runs either architecture).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.config import DenseConfig
+from r1jax.model import rope
+from r1jax.model.attention import NEG_INF, PER_HEAD, mask
+from r1jax.model.layers import cast_tree, rms_norm, swiglu
+from r1jax.model.params import ParamSpec, _bias, _linear, _norm, _stack, mlp_specs
+from r1jax.model.transformer import HIDDEN, REMAT_POLICIES, default_inputs, embed, head, lm_head_weight
+from r1jax.parallel.rules import constrain
+
+# --------------------------------------------------------------------------- the parameter table
+
+
+def attention_specs(cfg: DenseConfig) -> dict:
+    D, H, G, K = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
+    p = "self_attn."
+    # kv heads split over `tensor` like query heads (the rules replicate them when G does not divide).
+    s = {
+        "q": _linear((D, H, K), ("embed", "heads", "qk_dim"), p + "q_proj.weight"),
+        "k": _linear((D, G, K), ("embed", "heads", "qk_dim"), p + "k_proj.weight"),
+        "v": _linear((D, G, K), ("embed", "heads", "v_dim"), p + "v_proj.weight"),
+        "o": _linear((H, K, D), ("heads", "v_dim", "embed"), p + "o_proj.weight", fan_in=2),
+    }
+    if cfg.attention_bias:
+        s["q_bias"] = _bias(H * K, "heads", p + "q_proj.bias")
+        s["k_bias"] = _bias(G * K, "heads", p + "k_proj.bias")
+        s["v_bias"] = _bias(G * K, "heads", p + "v_proj.bias")
+    if cfg.o_proj_bias:
+        s["o_bias"] = _bias(D, "embed", p + "o_proj.bias")
+    return s
+
+
+def block_specs(cfg: DenseConfig) -> dict:
+    D = cfg.hidden_size
+    return {
+        "input_norm": _norm(D, "input_layernorm.weight"),
+        "attn": attention_specs(cfg),
+        "post_attn_norm": _norm(D, "post_attention_layernorm.weight"),
+        "mlp": mlp_specs(D, cfg.intermediate_size, "mlp."),
+    }
+
+
+def stack_layout(cfg: DenseConfig) -> dict[str, tuple[int, int]]:
+    """Stacked group → (first HF layer index, number of layers): every layer is `model.layers.{i}`."""
+    return {"layers": (0, cfg.num_hidden_layers)}
+
+
+def param_table(cfg: DenseConfig) -> dict:
+    """Nested dict of ParamSpec mirroring the params pytree."""
+    D, V = cfg.hidden_size, cfg.vocab_size
+    table = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal", "model.embed_tokens.weight"),
+        "final_norm": _norm(D, "model.norm.weight"),
+        "layers": _stack(block_specs(cfg), cfg.num_hidden_layers),
+    }
+    if not cfg.tie_word_embeddings:
+        table["lm_head"] = _linear((D, V), ("embed", "vocab"), "lm_head.weight")
+    return table
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def softmax_scale(cfg: DenseConfig) -> float:
+    """K^-0.5: Qwen2 and Llama keep the plain scale under every rope scaling (YaRN's temperature is
+    folded into cos/sin by rope.tables)."""
+    return cfg.attn_head_dim ** -0.5
+
+
+def project(p: dict, x: jax.Array, cos, sin, cfg: DenseConfig):
+    """x [B,T,D] -> rotated q [B,T,H,K], rotated k [B,T,G,K], v [B,T,G,K]."""
+    H, G, K = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
+    q = jnp.einsum("BTD,DHK->BTHK", x, p["q"])
+    k = jnp.einsum("BTD,DGK->BTGK", x, p["k"])
+    v = jnp.einsum("BTD,DGK->BTGK", x, p["v"])
+    if "q_bias" in p:
+        q, k, v = q + p["q_bias"].reshape(H, K), k + p["k_bias"].reshape(G, K), v + p["v_bias"].reshape(G, K)
+    q, k, v = constrain(q, PER_HEAD), constrain(k, PER_HEAD), constrain(v, PER_HEAD)
+    return rope.rotate(q, cos, sin, interleave=False), rope.rotate(k, cos, sin, interleave=False), v
+
+
+def grouped(q: jax.Array, num_kv_heads: int) -> jax.Array:
+    """[B,T,H,K] -> [B,T,G,J,K]: query head h = g·J + j reads kv head g."""
+    B, T, H, K = q.shape
+    return q.reshape(B, T, num_kv_heads, H // num_kv_heads, K)
+
+
+def output(p: dict, ctx: jax.Array) -> jax.Array:
+    """ctx [B,T,H,K] -> [B,T,D]."""
+    y = jnp.einsum("BTHK,HKD->BTD", ctx, p["o"])
+    return y + p["o_bias"] if "o_bias" in p else y
+
+
+def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, cfg: DenseConfig) -> jax.Array:
+    """GQA over x [B,T,D] with rope positions [B,T] and segment ids [B,T] -> [B,T,D]."""
+    cos, sin = rope.tables(positions, cfg)
+    q, k, v = project(p, x, cos, sin, cfg)
+    qg = grouped(q, cfg.num_key_value_heads)
+    scores = jnp.einsum("BTGJK,BSGK->BGJTS", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask(segment_ids)[:, :, None], scores * softmax_scale(cfg), NEG_INF)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # fp32 softmax (spec §10)
+    ctx = jnp.einsum("BGJTS,BSGK->BTGJK", weights, v).reshape(q.shape)
+    return output(p, constrain(ctx, PER_HEAD))
+
+
+# --------------------------------------------------------------------------- the layer stack
+
+
+def block(p: dict, h: jax.Array, positions, segment_ids, cfg: DenseConfig) -> jax.Array:
+    """One decoder layer. h [B,T,D] -> h [B,T,D]."""
+    p = cast_tree(p, jnp.dtype(cfg.dtype))
+    h = constrain(h, HIDDEN)
+    h = h + attend(p["attn"], rms_norm(p["input_norm"], h, cfg.rms_norm_eps), positions, segment_ids, cfg)
+    y = swiglu(p["mlp"], rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps))
+    return constrain(h + y, HIDDEN)
+
+
+def hidden(params: dict, tokens: jax.Array, cfg: DenseConfig, positions=None, segment_ids=None):
+    """Embedding and every layer, before the final norm. -> h [B,T,D], None (no MoE statistics)."""
+    positions, segment_ids = default_inputs(tokens, positions, segment_ids)
+
+    def body(carry, p):
+        return block(p, carry, positions, segment_ids, cfg), None
+
+    if cfg.remat_policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    h, _ = jax.lax.scan(body, embed(params, tokens, cfg), params["layers"])
+    return h, None
+
+
+def apply(params: dict, tokens: jax.Array, cfg: DenseConfig, positions=None, segment_ids=None,
+          with_mtp: bool = False) -> dict:
+    """Full model. tokens [B,T] -> {"logits" [B,T,V] f32, "moe": None}; the contract of
+    `transformer.apply` (a dense student has no MTP modules, so `with_mtp` adds nothing)."""
+    h, _ = hidden(params, tokens, cfg, positions, segment_ids)
+    return {"logits": head(lm_head_weight(params), params["final_norm"], h, cfg), "moe": None}
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def forward_jit(params, tokens, cfg: DenseConfig, positions=None, segment_ids=None):
+    return apply(params, tokens, cfg, positions, segment_ids)["logits"]

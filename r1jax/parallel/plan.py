@@ -1,0 +1,307 @@
+"""`r1jax plan`: what one device holds when a config trains on a mesh, without the hardware.
+
+Two views of the same train step:
+
+- Analytic (always): parameters, Adam moments and gradients are exact per-device sums over the param
+  table with the rules' shardings; activations are an itemized estimate from the shapes the model
+  computes (per layer: residual kept for the backward pass; one layer's working set, forward and
+  backward; the logits). Large meshes (256 devices, 671B params) are planned this way; the train step
+  is also traced and lowered for an `AbstractMesh` of that size (shape and sharding errors show up, no
+  weights are allocated, nothing is compiled).
+- Compiled (when the mesh fits the local devices, e.g. 8 simulated CPU devices with
+  `XLA_FLAGS=--xla_force_host_platform_device_count=8`): XLA's `memory_analysis()` of the sharded
+  train step compiled from abstract inputs; its argument bytes check the analytic state bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from r1jax import config as config_lib
+from r1jax.config import ModelConfig, TrainConfig
+from r1jax.errors import ConfigError
+from r1jax.model.params import is_spec, moe_specs, param_table
+from r1jax.parallel import mesh as mesh_lib
+from r1jax.parallel import rules as rules_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    name: str
+    memory: float  # bytes of accelerator memory per device
+    platform: str  # XLA platform to lower for
+
+
+HARDWARE = {
+    "h100": Hardware("NVIDIA H100 (80 GB)", 80e9, "cuda"),
+    "h200": Hardware("NVIDIA H200 (141 GB)", 141e9, "cuda"),
+    "v5p": Hardware("TPU v5p (95 GB)", 95e9, "tpu"),
+    "v5e": Hardware("TPU v5e (16 GB)", 16e9, "tpu"),
+    "v6e": Hardware("TPU v6e (32 GB)", 32e9, "tpu"),
+}
+
+
+@dataclasses.dataclass
+class Plan:
+    config: str
+    mesh: dict[str, int]
+    devices: int
+    hardware: Hardware | None
+    rows_per_device: int  # micro-batch rows per device
+    seq_len: int
+    analytic: dict[str, float]  # item -> bytes per device (the last one is the total)
+    compiled: dict[str, int] | None = None  # XLA memory_analysis fields, bytes per device
+    lowered_for: str | None = None  # platform the step was lowered for on an abstract mesh
+    replicated: list[str] = dataclasses.field(default_factory=list)
+    model: ModelConfig | None = None
+
+
+# --------------------------------------------------------------------------- analytic
+
+
+def _bytes(dtype) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+def _per_device(names, shape, itemsize, rules, sizes) -> float:
+    """Bytes of one device's shard of an array with logical `names`."""
+    axes = rules_lib.resolve(names, shape, rules, sizes)
+    return math.prod(shape) * itemsize / math.prod(sizes[a] for dim in axes for a in dim)
+
+
+def state_bytes(model: ModelConfig, rules, sizes: dict[str, int]) -> dict[str, float]:
+    """Exact per-device bytes of params, Adam μ and ν (param dtype, trainable leaves), gradients."""
+    params = trainable = 0.0
+    for path, s in jax.tree_util.tree_flatten_with_path(param_table(model), is_leaf=is_spec)[0]:
+        b = _per_device(s.axes, s.shape, _bytes(s.dtype or model.param_dtype), rules, sizes)
+        params += b
+        if getattr(path[-1], "key", None) != "router_bias":  # moved by the balancing rule, not by Adam
+            trainable += b
+    return {"params": params, "optimizer": 2 * trainable, "gradients": trainable}
+
+
+def _gathered_layer(model: ModelConfig, rules, sizes) -> float:
+    """One MoE layer's weights as the layer computes with them: FSDP dims gathered, expert and tensor
+    splits kept, in the compute dtype."""
+    from r1jax.model.params import block_specs
+
+    fsdp_names = {"embed", "q_lora", "kv_lora", "mtp_concat"}
+    total = 0.0
+    layer = block_specs(model, moe=model.n_routed_experts > 0)
+    for s in jax.tree.leaves(layer, is_leaf=is_spec):
+        axes = rules_lib.resolve(s.axes, s.shape, rules, sizes)
+        kept = math.prod(sizes[a] for name, dim in zip(s.axes, axes) if name not in fsdp_names for a in dim)
+        total += math.prod(s.shape) * _bytes(model.dtype) / kept
+    return total
+
+
+def _attention_set(m: ModelConfig, B: int, T: int, a: int, rules, sizes) -> float:
+    H, K, L, R, V = m.num_attention_heads, m.qk_head_dim, m.kv_lora_rank, m.qk_rope_head_dim, m.v_head_dim
+    act = lambda names, shape, size=a: _per_device(names, shape, size, rules, sizes)  # noqa: E731
+    per_head = ("batch", "length", "act_heads", None)
+    scores = ("batch", "act_heads", "length", None)
+    return (act(("batch", "length", "act_embed"), (B, T, m.hidden_size)) * 2  # normed input, output
+            + act(("batch", "length", None), (B, T, m.q_lora_rank or 0))
+            + act(per_head, (B, T, H, K)) + act(per_head, (B, T, H, m.qk_nope_head_dim + V))
+            + act(("batch", "length", None), (B, T, L + R)) + act(per_head, (B, T, H, V))
+            + act(scores, (B, H, T, T), 4) * 2 + act(scores, (B, H, T, T)))  # fp32 scores, softmax; probs
+
+
+def _moe_set(m: ModelConfig, n: int, a: int, sizes, rules) -> float:
+    """Per-device working set of the MoE FFN for n local tokens."""
+    E, k, D = m.n_routed_experts, m.num_experts_per_tok, m.hidden_size
+    tp = sizes["tensor"] if m.moe_intermediate_size % sizes["tensor"] == 0 else 1
+    F = m.moe_intermediate_size / tp
+    group = rules_lib.split_of("expert", rules, sizes)
+    router = 3 * n * E * 4
+    shared = 3 * n * m.shared_intermediate_size / tp * a
+    if m.moe_dispatch in ("capacity", "capacity_ep"):
+        slots = E * math.ceil(m.capacity_factor * n * k / E)
+        routed = slots * (4 * D + 3 * F) * a  # send, receive, result, returned slots; gate, up, h
+    elif m.moe_dispatch == "ragged_ep":
+        rows = group * n * k  # the dropless receive buffer
+        routed = rows * (3 * D + 3 * F) * a + n * k * D * a
+    elif m.moe_dispatch == "ragged":
+        routed = n * k * (2 * D + 3 * F) * a
+    else:  # dense reference: every expert on every token
+        routed = n * E * (D + 3 * F) * a
+    return router + shared + routed + n * D * 4
+
+
+def activation_bytes(cfg: TrainConfig, m: ModelConfig, sizes: dict[str, int]) -> dict[str, float]:
+    """Itemized per-device activation estimate for one micro-batch."""
+    rules = cfg.mesh
+    B = cfg.data.batch_size // cfg.optimizer.grad_accum_steps
+    T, a = cfg.data.seq_len, _bytes(m.dtype)
+    act = lambda names, shape, size=a: _per_device(names, shape, size, rules, sizes)  # noqa: E731
+    hidden = act(("batch", "length", "act_embed"), (B, T, m.hidden_size))
+    tokens = B * T / rules_lib.split_of("batch", rules, sizes)
+    attn = _attention_set(m, B, T, a, rules, sizes)
+    dense = 3 * act(("batch", "length", "act_mlp"), (B, T, m.intermediate_size))
+    moe = _moe_set(m, tokens, a, sizes, rules) if m.n_routed_experts else 0.0
+    layer = attn + max(dense if m.num_dense_layers else 0.0, moe)
+    layers = m.num_hidden_layers + m.num_nextn_predict_layers
+    # jax.checkpoint keeps only each layer's input; without it every intermediate is kept.
+    kept = hidden if m.remat_policy != "none" else hidden + layer
+    heads = 1 + (m.num_nextn_predict_layers if cfg.mtp_loss_weight > 0 else 0)
+    logits = heads * 3 * act(("batch", "length", "act_vocab"), (B, T, m.vocab_size), 4)  # logits, softmax, grad
+    return {f"activations: kept per layer (x{layers})": layers * kept,
+            "activations: one layer forward + backward": 2 * layer,
+            "activations: logits (main + MTP heads)": logits}
+
+
+def analytic(cfg: TrainConfig, m: ModelConfig, sizes: dict[str, int]) -> dict[str, float]:
+    state = state_bytes(m, cfg.mesh, sizes)
+    items = {"params": state["params"], "optimizer state (Adam mu, nu)": state["optimizer"],
+             "gradients": state["gradients"] * (2 if cfg.optimizer.grad_accum_steps > 1 else 1),
+             "gathered weights (one layer, x2 for prefetch)": 2 * _gathered_layer(m, cfg.mesh, sizes)}
+    items.update(activation_bytes(cfg, m, sizes))
+    items["total"] = sum(items.values())
+    return items
+
+
+# --------------------------------------------------------------------------- compile / lower
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def lower_step(cfg: TrainConfig, m: ModelConfig, mesh, platform: str | None = None):
+    """The sharded train step traced and lowered from abstract inputs (nothing allocated)."""
+    from r1jax.train import optimizer
+    from r1jax.train.loop import batch_shapes
+    from r1jax.train.step import StepOptions, make_train_step, step_shardings
+
+    tx = optimizer.build(cfg.optimizer, cfg.steps)
+    opts = StepOptions(mtp_weight=cfg.mtp_loss_weight, balance_alpha=cfg.balance_loss_alpha,
+                       bias_rate=cfg.router_bias_update_rate, grad_accum_steps=cfg.optimizer.grad_accum_steps)
+    shapes = batch_shapes(cfg.data)
+    abstract, sh = step_shardings(m, tx, cfg.seed, mesh, cfg.mesh, shapes)
+    step = make_train_step(m, tx, opts, sh)
+    with rules_lib.sharding_context(mesh, cfg.mesh):
+        traced = step.trace(_with_shardings(abstract, sh.state), _with_shardings(shapes, sh.batch))
+        return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+
+
+MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+                 "generated_code_size_in_bytes")
+
+
+def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, name: str = "",
+         compile: bool = True) -> Plan:
+    """Plan `cfg` on `devices` devices: analytic always; compiled on the local devices when there are
+    enough of them (and `compile`), else lowered for `hardware`'s platform on an abstract mesh."""
+    m = cfg.model
+    sizes = mesh_lib.mesh_shape(cfg.mesh, devices)
+    mesh_lib.check_train(cfg, m, sizes)
+    B = cfg.data.batch_size // cfg.optimizer.grad_accum_steps
+    rows = B // rules_lib.split_of("batch", cfg.mesh, sizes)
+    result = Plan(name, sizes, devices, hardware, rows, cfg.data.seq_len, analytic(cfg, m, sizes), model=m)
+    local = jax.devices()
+    if compile and devices <= len(local) and (hardware is None or hardware.platform == local[0].platform):
+        mesh = mesh_lib.build_mesh(cfg.mesh, local[:devices])
+        stats = lower_step(cfg, m, mesh).compile().memory_analysis()
+        result.compiled = {f: int(getattr(stats, f)) for f in MEMORY_FIELDS}
+    else:
+        mesh = mesh_lib.abstract_mesh(cfg.mesh, devices)
+        platform = hardware.platform if hardware else local[0].platform
+        lower_step(cfg, m, mesh, platform)
+        result.lowered_for = platform
+    result.replicated = rules_lib.replicated_dims(m, mesh, cfg.mesh)
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _unit(total: float) -> tuple[str, float]:
+    return ("GB", 1e9) if total >= 1e9 else ("MB", 1e6)
+
+
+def _fmt(x: float, unit: tuple[str, float]) -> str:
+    return f"{x / unit[1]:,.2f}"
+
+
+def format_plan(p: Plan) -> str:
+    m = p.model
+    mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
+    where = p.hardware.name if p.hardware else "local devices"
+    lines = [f"r1jax plan {p.config}: {p.devices} devices ({where}), mesh {mesh}",
+             f"per device: {p.rows_per_device} row(s) x {p.seq_len} tokens per micro-batch; moe_dispatch="
+             f"{m.moe_dispatch}, remat={m.remat_policy}, dtype={m.dtype}, param_dtype={m.param_dtype}", ""]
+    unit = _unit(p.analytic["total"])
+    lines += [f"| per device (analytic) | {unit[0]} |", "|---|---:|"]
+    lines += [f"| {k} | {_fmt(v, unit)} |" for k, v in p.analytic.items()]
+    if p.hardware:
+        total = p.analytic["total"]
+        verdict = "fits" if total <= p.hardware.memory else "does NOT fit"
+        lines.append(f"| {p.hardware.name} memory | {_fmt(p.hardware.memory, unit)} ({verdict}, "
+                     f"{100 * total / p.hardware.memory:.0f}%) |")
+    if p.compiled:
+        c = p.compiled
+        peak = c["argument_size_in_bytes"] + c["output_size_in_bytes"] - c["alias_size_in_bytes"] + c["temp_size_in_bytes"]
+        unit = _unit(peak)
+        lines += ["", f"| per device (XLA memory_analysis, compiled here) | {unit[0]} |", "|---|---:|"]
+        lines += [f"| {k.replace('_size_in_bytes', '')} | {_fmt(v, unit)} |" for k, v in c.items()]
+        lines.append(f"| peak (arguments + outputs - aliased + temp) | {_fmt(peak, unit)} |")
+    if p.lowered_for:
+        lines += ["", f"lowered for {p.lowered_for} on an abstract {p.devices}-device mesh: ok (too many devices "
+                  f"to compile here; the activation rows are estimates)"]
+    if p.replicated:
+        lines += ["", "replicated over an axis their rule names (dim not divisible):"]
+        lines += [f"  {r}" for r in p.replicated]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def load_plan_config(config_path, overrides=(), mesh_spec: str | None = None, *, batch_size: int | None = None,
+                     seq_len: int | None = None, devices: int | None = None) -> tuple[TrainConfig, int]:
+    """A TrainConfig from a stage YAML (`stage:` key) or a model YAML (trained with default settings,
+    `--seq-len` tokens, `--batch` rows: default one row per batch shard), and the device count."""
+    overrides = list(overrides) + (mesh_lib.parse_mesh_spec(mesh_spec) if mesh_spec else [])
+    raw = config_lib.read_yaml(config_path)
+    if "stage" in raw:
+        d = config_lib.load_dict(TrainConfig, config_path)
+    else:
+        d = {"stage": "pretrain", "model": raw, "data": {"seq_len": 4096}}
+    d = config_lib.apply_overrides(d, overrides)
+    if seq_len is not None:
+        d.setdefault("data", {})["seq_len"] = seq_len
+    if batch_size is not None:
+        d.setdefault("data", {})["batch_size"] = batch_size
+    cfg = config_lib.from_dict(TrainConfig, d)
+    if cfg.model is None:
+        raise ConfigError("model: r1jax plan needs the architecture in the config (init_from is not read)")
+    n = devices
+    if n is None:
+        sizes = [getattr(cfg.mesh, a) for a in config_lib.MESH_AXES]
+        dcn = [getattr(cfg.mesh, a) for a in config_lib.DCN_AXES]
+        n = math.prod(sizes + dcn) if -1 not in sizes + dcn else jax.device_count()
+    if batch_size is None and "stage" not in raw:
+        shape = mesh_lib.mesh_shape(cfg.mesh, n)
+        split = rules_lib.split_of("batch", cfg.mesh, shape)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=split * cfg.optimizer.grad_accum_steps))
+    return cfg, n
+
+
+def plan_command(config_path, overrides=(), mesh_spec: str | None = None, *, devices: int | None = None,
+                 hardware: str | None = None, batch_size: int | None = None, seq_len: int | None = None,
+                 compile: bool = True, out=None) -> Plan:
+    """`r1jax plan CONFIG [key=value ...] --mesh data=2,expert=4 [--devices N] [--hardware h100]`:
+    print the per-device memory table and return the Plan."""
+    if hardware is not None and hardware not in HARDWARE:
+        raise ConfigError(f"--hardware: unknown {hardware!r}; valid: {', '.join(HARDWARE)}")
+    cfg, n = load_plan_config(config_path, overrides, mesh_spec, batch_size=batch_size, seq_len=seq_len,
+                              devices=devices)
+    result = plan(cfg, n, HARDWARE.get(hardware), name=str(Path(config_path)), compile=compile)
+    print(format_plan(result), file=out or sys.stdout)
+    return result

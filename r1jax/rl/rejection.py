@@ -1,0 +1,99 @@
+"""Rejection sampling (R1 §2.3.3): sample N completions per prompt from a (RL-trained) model, keep
+the correct ones that also pass the format and readability filters, deduplicate, and write an SFT
+dataset in chat format with per-prompt statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from r1jax.config import RejectionConfig
+from r1jax.data.pipeline import make_prompt_iterator
+from r1jax.eval.run import prompt_rows
+from r1jax.rl import rewards, sampler
+
+THINK_PREFIX = "<think>\n"  # the R1 generation prompt ends inside the reasoning block
+
+
+def _keep(prompt: str, completion: str, answer, n_tokens: int, finished: bool, cfg: RejectionConfig) -> str | None:
+    """None if kept, else the reason it was rejected."""
+    if not finished:
+        return "truncated"
+    if n_tokens < cfg.min_tokens:
+        return "too_short"
+    if answer is None or rewards.accuracy([prompt], [completion], answers=[answer])[0] != 1.0:
+        return "incorrect"
+    if cfg.require_format and rewards.format_reward([prompt], [completion])[0] != 1.0:
+        return "format"
+    share = rewards.language_consistency([prompt], [completion], language=cfg.language)[0]
+    if share < cfg.min_language_share:
+        return "language"
+    return None
+
+
+def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, progress: bool = False) -> dict:
+    """Write kept samples to `out_path` (jsonl of {"messages": [...], "id", "answer"}) and
+    `out_path` + `.stats.json`; return the statistics."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    it = make_prompt_iterator(cfg.prompts, tok)
+    stats = {"prompts": 0, "samples": 0, "kept": 0, "rejected": {}, "per_prompt": []}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_prompts, desc="rejection sampling", dynamic_ncols=True)
+    with open(tmp, "w") as f:
+        for batch in it:
+            rows = prompt_rows(batch)
+            rep = [r for r in rows for _ in range(cfg.num_samples)]
+            out = sampler.sample(params, model_cfg, rep, max_new_tokens=cfg.max_new_tokens,
+                                 temperature=cfg.temperature, top_p=cfg.top_p,
+                                 seed=cfg.seed + stats["prompts"], eos_id=tok.eos_id)
+            for p, row in enumerate(rows):
+                if cfg.max_prompts is not None and stats["prompts"] >= cfg.max_prompts:
+                    break
+                prompt_text = tok.decode(row)
+                answer = str(batch["answer"][p]) or None
+                seen, kept = set(), 0
+                for s in range(cfg.num_samples):
+                    i = p * cfg.num_samples + s
+                    n = int(out.lengths[i])
+                    ids = out.tokens[i, :n].tolist()
+                    if out.finished[i] and ids and ids[-1] == tok.eos_id:
+                        ids = ids[:-1]
+                    text = tok.decode(ids)
+                    stats["samples"] += 1
+                    reason = _keep(prompt_text, text, answer, n, bool(out.finished[i]), cfg)
+                    key = " ".join(text.split())
+                    if reason is None and key in seen:
+                        reason = "duplicate"
+                    if reason is None and kept >= cfg.max_per_prompt:
+                        reason = "per_prompt_cap"
+                    if reason is not None:
+                        stats["rejected"][reason] = stats["rejected"].get(reason, 0) + 1
+                        continue
+                    seen.add(key)
+                    kept += 1
+                    f.write(json.dumps({
+                        "id": str(batch["id"][p]), "answer": answer,
+                        "messages": json.loads(str(batch["messages"][p]))
+                        + [{"role": "assistant", "content": THINK_PREFIX + text}],
+                    }) + "\n")
+                stats["prompts"] += 1
+                stats["kept"] += kept
+                stats["per_prompt"].append({"id": str(batch["id"][p]), "kept": kept, "total": cfg.num_samples})
+                if bar is not None:
+                    bar.update(1)
+            if cfg.max_prompts is not None and stats["prompts"] >= cfg.max_prompts:
+                break
+    if bar is not None:
+        bar.close()
+    tmp.replace(out_path)  # the dataset appears only when complete
+    stats["kept_fraction"] = stats["kept"] / max(stats["samples"], 1)
+    stats["prompts_with_any"] = float(np.mean([r["kept"] > 0 for r in stats["per_prompt"]])) if stats["per_prompt"] else 0.0
+    Path(str(out_path) + ".stats.json").write_text(json.dumps(stats, indent=1))
+    return stats

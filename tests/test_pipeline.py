@@ -1,0 +1,102 @@
+"""`r1jax pipeline`: stage references are checked before any work; a small recipe runs end to end,
+exports a model transformers loads with the same logits, and a rerun skips finished stages."""
+
+import json
+
+import numpy as np
+import pytest
+
+from r1jax import config
+from r1jax.config import PipelineConfig
+from r1jax.errors import ConfigError
+from r1jax.pipeline import load_pipeline, resolve_stage, run_pipeline
+
+TASK = {"min_operands": 2, "max_operands": 2, "num_eval": 30}
+
+
+def tiny_pipeline(out, sft_steps=6, rl_steps=2):
+    prompts = lambda **kw: dict(kind="prompts", seq_len=32, task=TASK, **kw)  # noqa: E731
+    return config.from_dict(PipelineConfig, dict(
+        out_dir=str(out), eval_samples=2, eval_max_new_tokens=12,
+        eval_prompts=prompts(sources=["task:eval"], batch_size=30, shuffle=False, drop_remainder=False),
+        stages=[
+            dict(name="cold", kind="sft", config=dict(
+                model="configs/model/tiny_v3.yaml", steps=sft_steps, progress=False,
+                data=dict(kind="sft", sources=["task:train"], seq_len=64, batch_size=8, num_epochs=None, task=TASK),
+                checkpoint=dict(async_save=False))),
+            dict(name="rl", kind="grpo", config=dict(
+                init_from="@cold", steps=rl_steps, num_generations=4, max_new_tokens=12, progress=False,
+                prompts=prompts(sources=["task:train"], batch_size=2, num_epochs=None),
+                checkpoint=dict(async_save=False))),
+            dict(name="rs", kind="rejection", config=dict(
+                init_from="@rl", num_samples=2, max_new_tokens=12, max_prompts=4, require_format=False,
+                prompts=prompts(sources=["task:train"], batch_size=4, shuffle=False))),
+        ]))
+
+
+def test_bad_references_are_named_before_any_work(tmp_path):
+    cfg = tiny_pipeline(tmp_path)
+    bad = config.to_dict(cfg)
+    bad["stages"][1]["config"]["init_from"] = "@later"
+    with pytest.raises(ConfigError, match=r"stages\[1\].config.init_from: '@later' names no earlier stage"):
+        resolve_stage(config.from_dict(PipelineConfig, bad), 1)
+    bad["stages"][1]["config"]["init_from"] = "@cold"
+    bad["stages"][2]["config"]["init_from"] = None
+    with pytest.raises(ConfigError, match=r"stages\[2\].config.init_from: a rejection stage needs a model"):
+        resolve_stage(config.from_dict(PipelineConfig, bad), 2)
+    bad["stages"][2]["name"] = "cold"
+    with pytest.raises(ConfigError, match=r"stages\[2\].name: 'cold' is used twice"):
+        config.from_dict(PipelineConfig, bad)
+    bad = config.to_dict(cfg)
+    bad["stages"][0]["config"]["steps"] = "many"
+    with pytest.raises(ConfigError, match=r"stages\[0\].config.steps: expected int"):
+        run_pipeline(config.from_dict(PipelineConfig, bad))
+    assert not (tmp_path / "cold").exists()
+
+
+def test_pipeline_yaml_in_configs_resolves():
+    cfg = load_pipeline("configs/pipeline/r1_tiny.yaml")
+    kinds = [type(resolve_stage(cfg, i)).__name__ for i in range(len(cfg.stages))]
+    assert kinds == ["TrainConfig", "GRPOConfig", "RejectionConfig", "TrainConfig"]
+    assert type(resolve_stage(cfg, 3).model).__name__ == "DenseConfig"
+    assert resolve_stage(cfg, 3).data.sources[0].endswith("rejection/data.jsonl")
+
+
+def test_demo_default_equals_the_pipeline_yaml():
+    from r1jax.demo import demo_pipeline
+
+    a, b = demo_pipeline("runs/r1_tiny"), load_pipeline("configs/pipeline/r1_tiny.yaml")
+    for i in range(len(b.stages)):
+        assert resolve_stage(a, i) == resolve_stage(b, i), b.stages[i].name
+
+
+@pytest.mark.slow
+def test_small_recipe_runs_exports_and_skips_finished_stages(tmp_path):
+    records = run_pipeline(tiny_pipeline(tmp_path))
+    assert [r["name"] for r in records] == ["cold", "rl", "rs"]
+    assert all(r["status"] == "completed" for r in records)
+    assert 0 <= records[1]["eval"]["pass@1_greedy"] <= 1 and "pass@2" in records[1]["eval"]
+    rows = [json.loads(l) for l in (tmp_path / "rs" / "data.jsonl").read_text().splitlines()]
+    stats = json.loads((tmp_path / "rs" / "data.jsonl.stats.json").read_text())
+    assert stats["samples"] == 8 and stats["kept"] == len(rows)
+    for row in rows:
+        assert row["messages"][0]["role"] == "user" and row["messages"][1]["content"].startswith("<think>\n")
+    # The exported teacher loads in transformers and gives r1jax's logits.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import r1jax
+
+    cfg, params = r1jax.load_pretrained(tmp_path / "rl" / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "rl" / "hf", dtype=torch.float32).eval()
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 10))
+    with torch.no_grad():
+        ref = model(torch.as_tensor(tokens)).logits.numpy()
+    got = np.asarray(r1jax.forward(params, tokens, cfg))
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-5
+    assert (tmp_path / "rl" / "hf" / "tokenizer.json").exists()
+    # A rerun finds every stage done and does no work.
+    import r1jax.pipeline as pl
+
+    again = pl.run_pipeline(tiny_pipeline(tmp_path))
+    assert [r["seconds"] for r in again] == [r["seconds"] for r in records]
