@@ -50,6 +50,22 @@ def _pipeline(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from r1jax.parallel.plan import plan_command
+
+    plan_command(args.config, args.overrides, args.mesh, devices=args.devices, hardware=args.hardware,
+                 batch_size=args.batch, seq_len=args.seq_len, compile=not args.no_compile)
+    return 0
+
+
+def _eval(args) -> int:
+    from r1jax.config import EvalConfig, load
+    from r1jax.eval.run import run_eval
+
+    run_eval(load(EvalConfig, args.config, args.overrides))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1jax", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -67,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.add_argument("config")
     pipeline.add_argument("overrides", nargs="*", metavar="key=value")
     pipeline.set_defaults(func=_pipeline)
+    ev = sub.add_parser("eval", help="pass@k / maj@k of a model on a verifiable prompt set")
+    ev.add_argument("config", help="eval YAML (see configs/eval/)")
+    ev.add_argument("overrides", nargs="*", metavar="key=value")
+    ev.set_defaults(func=_eval)
+    plan = sub.add_parser("plan", help="per-device memory of a config on a (virtual) mesh, without the hardware")
+    plan.add_argument("config", help="a stage YAML or a model YAML")
+    plan.add_argument("overrides", nargs="*", metavar="key=value")
+    plan.add_argument("--mesh", default=None, help="mesh axes, e.g. data=2,fsdp=32,expert=8")
+    plan.add_argument("--devices", type=int, default=None, help="device count (default: the mesh's product)")
+    plan.add_argument("--hardware", default=None, help="device kind for the fit check, e.g. h100, v5p")
+    plan.add_argument("--batch", type=int, default=None, help="global batch rows")
+    plan.add_argument("--seq-len", type=int, default=None)
+    plan.add_argument("--no-compile", action="store_true", help="analytic estimate only")
+    plan.set_defaults(func=_plan)
     sample = sub.add_parser("sample", help="sample completions for a jsonl of prompts")
     sample.add_argument("--ckpt", required=True, help="Hugging Face model directory or r1jax checkpoint")
     sample.add_argument("--prompts", required=True,

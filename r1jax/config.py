@@ -884,6 +884,39 @@ class RejectionConfig:
         need(0 <= self.min_language_share <= 1, "min_language_share", "must be in [0, 1]")
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """`r1jax eval CONFIG`: sample `num_samples` completions per prompt from a model, verify them,
+    report pass@k (unbiased) and maj@k, write results.jsonl (the table) and records.jsonl."""
+
+    model: str = ""  # HF directory or r1jax checkpoint
+    prompts: DataConfig = dataclasses.field(
+        default_factory=lambda: DataConfig(kind="prompts", sources=("task:eval",), shuffle=False, drop_remainder=False))
+    num_samples: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    ks: tuple[int, ...] = (1,)
+    maj_ks: tuple[int, ...] = ()
+    max_prompts: Optional[int] = None
+    seed: int = 0
+    out_dir: str = "runs/eval"
+
+    def __post_init__(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(bool(self.model), "model", "required: a Hugging Face directory or an r1jax checkpoint")
+        need(self.prompts.kind == "prompts", "prompts.kind", f"must be 'prompts', got {self.prompts.kind!r}")
+        need(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
+        need(self.temperature >= 0, "temperature", "must be >= 0")
+        need(self.temperature > 0 or self.num_samples == 1, "num_samples",
+             "greedy decoding (temperature 0) gives one distinct sample: use num_samples 1")
+        for i, k in enumerate(self.ks + self.maj_ks):
+            need(1 <= k <= self.num_samples, f"ks[{i}]", f"every k must be in [1, num_samples={self.num_samples}], got {k}")
+
+
 # ---- pipeline
 
 

@@ -52,3 +52,27 @@ def evaluate_model(params, model_cfg: ModelConfig, prompts: DataConfig, tok, *, 
     for rec, comps in zip(records, completions):
         rec["completions"] = comps
     return summary, records
+
+
+def run_eval(cfg) -> dict:
+    """`r1jax eval`: evaluate cfg.model on cfg.prompts; print and write the results table."""
+    import json
+    from pathlib import Path
+
+    import r1jax
+    from r1jax.data.tokenizer import load_tokenizer
+    from r1jax.eval.metrics import format_table, results_table, write_jsonl
+
+    model_cfg, params = r1jax.load_pretrained(cfg.model)
+    tok = load_tokenizer(cfg.prompts.tokenizer)
+    summary, records = evaluate_model(params, model_cfg, cfg.prompts, tok, num_samples=cfg.num_samples,
+                                      temperature=cfg.temperature, top_p=cfg.top_p,
+                                      max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                      max_prompts=cfg.max_prompts, ks=cfg.ks, maj_ks=cfg.maj_ks)
+    out = Path(cfg.out_dir)
+    rows = results_table({",".join(cfg.prompts.sources): summary})
+    write_jsonl(rows, out / "results.jsonl")
+    write_jsonl(records, out / "records.jsonl")
+    print(format_table(rows))
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
