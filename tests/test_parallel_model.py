@@ -141,7 +141,9 @@ def test_train_step_loss_and_update_equal_one_device():
     tok = rng.randint(0, cfg.vocab_size, (8, 33)).astype(np.int32)
     batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((8, 32), np.int32),
              "segment_ids": np.ones((8, 32), np.int32), "positions": np.tile(np.arange(32, dtype=np.int32), (8, 1))}
-    tx = optimizer.build(config.OptimizerConfig(learning_rate=1e-2), 10)
+    # A large eps makes Adam's first update a smooth function of the gradient; with eps=1e-8 it is
+    # about lr·sign(g), which turns rounding noise in near-zero gradients into lr-sized differences.
+    tx = optimizer.build(config.OptimizerConfig(learning_rate=1e-2, eps=1e-3), 10)
     opts = StepOptions()
 
     def run(mesh_cfg):
@@ -162,12 +164,11 @@ def test_train_step_loss_and_update_equal_one_device():
         return jax.device_get((metrics["loss"], metrics["grad_norm"], new.params))
 
     ref = run(None)
-    for name in ("fsdp=2,expert=2,tensor=2", "data=8"):
+    for name in MESHES:
         got = run(MESHES[name])
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, err_msg=name)
-        # Adam divides by sqrt(v): a near-zero gradient's rounding noise moves its param by up to ~lr·1e-3.
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name), got[2], ref[2])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name), got[2], ref[2])
 
 
 def test_checkpoint_saved_on_one_mesh_restores_on_another(tmp_path):

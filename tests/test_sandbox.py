@@ -18,14 +18,17 @@ pytestmark = pytest.mark.skipif(not sandbox.network_isolation_available(),
 
 
 def _leftover_pids():
+    """Live processes of any sandbox uid (zombies are dead already; their parent reaps them)."""
     out = []
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                uid = int(next(l for l in (d / "status").read_text().splitlines() if l.startswith("Uid:")).split()[1])
+                lines = (d / "status").read_text().splitlines()
+                uid = int(next(l for l in lines if l.startswith("Uid:")).split()[1])
+                state = next(l for l in lines if l.startswith("State:")).split()[1]
             except (OSError, StopIteration, ValueError):
                 continue
-            if sandbox.UID_BASE <= uid < sandbox.UID_BASE + sandbox.UID_COUNT:
+            if sandbox.UID_BASE <= uid < sandbox.UID_BASE + sandbox.UID_COUNT and state != "Z":
                 out.append(int(d.name))
     return out
 

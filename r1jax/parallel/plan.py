@@ -113,7 +113,7 @@ def _attention_set(m: ModelConfig, B: int, T: int, a: int, rules, sizes) -> floa
             + act(scores, (B, H, T, T), 4) * 2 + act(scores, (B, H, T, T)))  # fp32 scores, softmax; probs
 
 
-def _moe_set(m: ModelConfig, n: int, a: int, sizes, rules) -> float:
+def _moe_set(m: ModelConfig, n: float, a: int, rules, sizes) -> float:
     """Per-device working set of the MoE FFN for n local tokens."""
     E, k, D = m.n_routed_experts, m.num_experts_per_tok, m.hidden_size
     tp = sizes["tensor"] if m.moe_intermediate_size % sizes["tensor"] == 0 else 1
@@ -144,7 +144,7 @@ def activation_bytes(cfg: TrainConfig, m: ModelConfig, sizes: dict[str, int]) ->
     tokens = B * T / rules_lib.split_of("batch", rules, sizes)
     attn = _attention_set(m, B, T, a, rules, sizes)
     dense = 3 * act(("batch", "length", "act_mlp"), (B, T, m.intermediate_size))
-    moe = _moe_set(m, tokens, a, sizes, rules) if m.n_routed_experts else 0.0
+    moe = _moe_set(m, tokens, a, rules, sizes) if m.n_routed_experts else 0.0
     layer = attn + max(dense if m.num_dense_layers else 0.0, moe)
     layers = m.num_hidden_layers + m.num_nextn_predict_layers
     # jax.checkpoint keeps only each layer's input; without it every intermediate is kept.

@@ -142,10 +142,15 @@ def _preexec(limits: SandboxLimits, workdir: str, uid: int | None):
 
 
 def _owned_by(pid_dir: Path, uid: int) -> bool:
+    """A live (not zombie: it is already dead, only waiting to be reaped) process of `uid`."""
+    state = owner = None
     for line in (pid_dir / "status").read_text().splitlines():
-        if line.startswith("Uid:"):
-            return int(line.split()[1]) == uid
-    return False
+        if line.startswith("State:"):
+            state = line.split()[1]
+        elif line.startswith("Uid:"):
+            owner = int(line.split()[1])
+            break
+    return owner == uid and state != "Z"
 
 
 def _kill_uid(uid: int) -> None:
@@ -181,6 +186,10 @@ def _kill_everything(proc: subprocess.Popen, marker: str, uid: int | None) -> No
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)  # reap it, so only processes that escaped the group remain
+    except subprocess.TimeoutExpired:
         pass
     # Processes that left the group (setsid): by the run's own uid when we have one, else by the
     # marker in their environment.
