@@ -180,7 +180,7 @@ def parse_mesh_spec(spec: str) -> list[str]:
 
 def check_model(model: ModelConfig, shape: dict[str, int]) -> None:
     """Splits the model cannot do without: experts over `expert`, heads over `tensor`."""
-    if model.n_routed_experts and model.n_routed_experts % shape["expert"]:
+    if getattr(model, "n_routed_experts", 0) and model.n_routed_experts % shape["expert"]:
         raise ConfigError(f"mesh.expert: n_routed_experts={model.n_routed_experts} is not divisible by the "
                           f"expert axis ({shape['expert']})")
     if model.num_attention_heads % shape["tensor"]:
