@@ -55,7 +55,10 @@ def test_fork_bomb_is_contained_and_cleaned_up():
     t = time.perf_counter()
     r = sandbox.run_python(bomb, limits=FAST)
     assert not r.ok and time.perf_counter() - t < FAST.wall_seconds + 3
-    time.sleep(0.3)
+    # Every process is SIGKILLed by then; on a loaded host the dying ones may take a moment to exit.
+    deadline = time.monotonic() + 10
+    while _leftover_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _leftover_pids() == []
     assert sandbox.run_python("print('still fine')", limits=FAST).ok  # host can still spawn
 
@@ -113,3 +116,10 @@ def test_code_reward_on_hostile_and_honest_solutions():
     assert rewards == [1.0, 0.0, 0.0, 0.5]
     assert time.perf_counter() - t < 15
     assert code(["p"], ["no code here"], tests=tests[:1]) == [0.0]
+
+
+def test_untrusted_code_runs_at_low_priority():
+    r = sandbox.run_python("import os\nprint(os.nice(0))", limits=FAST)
+    assert r.ok and int(r.stdout) == 19
+    with pytest.raises(sandbox.ConfigError, match="sandbox.nice"):
+        sandbox.SandboxLimits(nice=25)

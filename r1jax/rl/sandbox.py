@@ -61,6 +61,9 @@ class SandboxLimits:
     max_open_files: int = 64
     max_output_bytes: int = 1 * 2**20
     allow_network: bool = False  # only if no network namespace can be made; never by default
+    # Scheduling niceness (0..19) of the untrusted processes: a fork bomb of max_processes spinners at
+    # nice 0 would starve the trainer (and the sandbox's own cleanup) of CPU on a small host.
+    nice: int = 19
     python: str = ""  # interpreter for Python code; "" = /usr/bin/python3 when dropping root, else this one
 
     def __post_init__(self):
@@ -68,6 +71,8 @@ class SandboxLimits:
                      "max_open_files", "max_output_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"sandbox.{name}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.nice <= 19:
+            raise ConfigError(f"sandbox.nice: must be in 0..19, got {self.nice}")
 
 
 @dataclasses.dataclass
@@ -121,6 +126,7 @@ def _interpreter(limits: SandboxLimits) -> str:
 def _preexec(limits: SandboxLimits, workdir: str, uid: int | None):
     def setup():
         os.setsid()
+        os.nice(limits.nice)
         if not _new_network_namespace() and not limits.allow_network:
             os.write(2, b"r1jax sandbox: cannot create a network namespace\n")
             os._exit(125)
@@ -141,16 +147,23 @@ def _preexec(limits: SandboxLimits, workdir: str, uid: int | None):
     return setup
 
 
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
 def _owned_by(pid_dir: Path, uid: int) -> bool:
-    """A live (not zombie: it is already dead, only waiting to be reaped) process of `uid`."""
+    """A live process of `uid` that is not already dying: zombies are dead, only waiting to be reaped,
+    and a process with SIGKILL pending dies as soon as it is scheduled (slowly, on a loaded host);
+    sweeping again for either would only fork more killers."""
     state = owner = None
+    pending = 0
     for line in (pid_dir / "status").read_text().splitlines():
         if line.startswith("State:"):
             state = line.split()[1]
         elif line.startswith("Uid:"):
             owner = int(line.split()[1])
-            break
-    return owner == uid and state != "Z"
+        elif line.startswith(("SigPnd:", "ShdPnd:")):
+            pending |= int(line.split()[1], 16)
+    return owner == uid and state != "Z" and not pending & SIGKILL_BIT
 
 
 def _kill_uid(uid: int) -> None:
@@ -183,6 +196,8 @@ def _pids_with(marker: str | None, uid: int | None) -> list[int]:
 
 
 def _kill_everything(proc: subprocess.Popen, marker: str, uid: int | None) -> None:
+    if uid is not None:
+        _kill_uid(uid)  # one kernel sweep first: the group, and whatever escaped it, stop forking now
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
@@ -232,7 +247,13 @@ def run(argv: list[str], *, stdin: str = "", files: dict[str, str] | None = None
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_everything(proc, marker, uid)
-            out, err = proc.communicate()
+            try:
+                out, err = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                # A survivor we could not find still holds the pipes open: stop reading, keep the result.
+                for pipe in (proc.stdout, proc.stderr):
+                    pipe.close()
+                out, err = b"", b""
         finally:
             _kill_everything(proc, marker, uid)
         if proc.returncode == 125 and b"cannot create a network namespace" in err:
