@@ -96,6 +96,14 @@ def test_model_round_trip_is_exact(tmp_path, cfg, params, dtype):
     assert params2["moe_layers"]["mlp"]["router_bias"].dtype == jnp.float32
 
 
+def test_relative_paths_save_and_load(tmp_path, cfg, params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r1jax.save_pretrained("rel/m", cfg, params, format="orbax")
+    cfg2, params2 = r1jax.load_pretrained("rel/m")
+    assert cfg2 == cfg
+    assert_trees_equal(params2, params)
+
+
 def test_load_converts_dtype_but_keeps_router_bias_fp32(tmp_path, cfg, params):
     save_model(tmp_path / "m", cfg, params)
     cfg16, params16 = load_model(tmp_path / "m", dtype=jnp.bfloat16)

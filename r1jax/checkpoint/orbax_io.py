@@ -176,7 +176,7 @@ def load_model(path, *, dtype=None, mesh=None, shardings=None):
     as for a Hugging Face load). With `mesh` (or an explicit `shardings` pytree of jax.sharding.Sharding)
     each array is restored directly into its sharding; otherwise onto the first local device.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # orbax refuses relative paths
     cfg = read_model_config(path)
     if dtype is not None:
         name = jnp.dtype(dtype).name
@@ -225,7 +225,7 @@ def _publish(tmp: Path, dst: Path) -> None:
 
 def save_model(path, config: ModelConfig, params, *, overwrite: bool = False) -> Path:
     """Write config.yaml + params/ to `path`; the directory appears only once complete."""
-    dst = Path(path)
+    dst = Path(path).absolute()
     where = f"{dst}: params (config param_dtype={config.param_dtype})"
     check_tree(flat_leaves(param_shapes(config)), flat_leaves(params), where, check_dtype=True)
     _check_destination(dst, overwrite)
