@@ -705,6 +705,43 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistillConfig:
+    """Logit-level distillation of an SFT run's student from a frozen teacher (r1jax/train/distill.py):
+    loss = alpha · τ²·KL(teacher_τ ‖ student_τ) + (1 − alpha) · CE(student, data targets), both
+    token means over the loss mask. A `distill:` block in a stage-`sft` config (or a pipeline stage of
+    kind `distill`) turns it on:
+
+        distill:
+          teacher: runs/r1/rl/checkpoints  # r1jax checkpoint (model or training dir) or HF directory
+          alpha: 0.5         # weight of the KL term, in [0, 1]; 0 is plain SFT
+          temperature: 2.0   # τ > 0, applied to both models' logits; the KL is scaled by τ²
+          top_k: 64          # keep the teacher's top-k tokens renormalised; null: the full vocabulary
+          logit_chunk: 128   # positions per chunk of the [B, chunk, V] logits of both models
+
+    The teacher's vocab_size must equal the student's; it is loaded once, sharded by the run's rules,
+    and never saved with the student's checkpoints. In a pipeline, name an earlier stage's checkpoints
+    by path (`<pipeline out_dir>/<stage>/checkpoints`): "@stage" references resolve in init_from only.
+    """
+
+    teacher: str
+    alpha: float = 0.5
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    logit_chunk: int = 128
+
+    def __post_init__(self):
+        def need(ok, key, msg):
+            if not ok:
+                raise ConfigError(f"{key}: {msg}")
+
+        need(bool(self.teacher), "teacher", "required: an r1jax checkpoint or a Hugging Face directory")
+        need(0.0 <= self.alpha <= 1.0, "alpha", f"must be in [0, 1], got {self.alpha}")
+        need(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        need(self.top_k is None or self.top_k >= 1, "top_k", f"must be null or >= 1, got {self.top_k}")
+        need(self.logit_chunk >= 1, "logit_chunk", f"must be >= 1, got {self.logit_chunk}")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run (pre-training or SFT): model, data, optimizer, checkpoints, cadence.
 
@@ -733,6 +770,8 @@ class TrainConfig:
     progress: bool = True
     # Device mesh and logical-axis rules (see `MeshConfig`); the default puts every device on `data`.
     mesh: "MeshConfig" = dataclasses.field(default_factory=lambda: MeshConfig())
+    # Logit-level distillation from a frozen teacher (stage sft only); null: plain training.
+    distill: Optional[DistillConfig] = None
 
     def __post_init__(self):
         def need(ok, key, msg):
@@ -741,6 +780,8 @@ class TrainConfig:
 
         need(self.model is not None or self.init_from is not None, "model",
              "required (a mapping, or a YAML file) unless init_from names a checkpoint")
+        need(self.distill is None or self.stage == "sft", "distill",
+             f"logit distillation trains on SFT data: only with stage 'sft', got stage {self.stage!r}")
         need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         need(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
@@ -817,6 +858,10 @@ class GRPOConfig:
     logprob_chunk: int = 64  # positions per chunk when computing log-probs (no full [N,T,V] logits)
     router_bias_update_rate: float = 0.0
     progress: bool = True
+    # Device mesh and logical-axis rules (see `MeshConfig`); the default puts every device on `data`.
+    # Rollout and training share it: the prompts.batch_size × num_generations rows split over the batch
+    # axes. Every process reads the whole prompt batch (prompts.shard_* are ignored).
+    mesh: "MeshConfig" = dataclasses.field(default_factory=lambda: MeshConfig())
 
     def __post_init__(self):
         def need(ok, key, msg):

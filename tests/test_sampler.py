@@ -245,6 +245,36 @@ def test_mesh_splits_batch_and_equals_one_device(v3):
     np.testing.assert_array_equal(many.lengths, one.lengths)
 
 
+def test_expert_parallel_capacity_samples_dropless_on_an_expert_mesh(v3):
+    """capacity_ep with too few slots (0.5 · 2 tokens per device · 2 / 8 experts: one slot) would drop
+    decode tokens. Under (data=2, expert=4) the rows split over data×expert (3 rows padded to 8), the
+    params are split by the rules, and the sampler runs a dropless expert-parallel dispatch: on CPU,
+    which has no ragged all-to-all, capacity_ep with every expert able to take every local token."""
+    from r1jax.config import MeshConfig
+    from r1jax.parallel import mesh as mesh_lib
+    from r1jax.parallel import rules
+
+    mesh_cfg = MeshConfig(data=2, expert=4)
+    mesh = mesh_lib.build_mesh(mesh_cfg)
+    assert sampler._batch_axes(mesh, mesh_cfg.rule_pairs()) == ("data", "fsdp", "expert")
+    capped = v3.cfg.replace(moe_dispatch="capacity_ep", capacity_factor=0.5)
+    on_cpu = sampler.dropless(capped, mesh)
+    assert on_cpu.moe_dispatch == "capacity_ep" and on_cpu.capacity_factor == 8 / 2
+    assert sampler.DROPLESS["capacity_ep"](capped, "gpu").moe_dispatch == "ragged_ep"
+    assert sampler.dropless(v3.cfg.replace(moe_dispatch="capacity"), mesh).moe_dispatch == "ragged"
+
+    kw = dict(max_new_tokens=M, temperature=1.0, seed=3)
+    one = sampler.sample(v3.params, v3.cfg, PROMPTS, **kw)  # ragged: the dropless reference
+    placed = jax.device_put(v3.params, rules.param_shardings(capped, mesh, mesh_cfg))
+    many = sampler.sample(placed, capped, PROMPTS, mesh=mesh, rules=mesh_cfg, **kw)
+    np.testing.assert_array_equal(many.tokens, one.tokens)
+    np.testing.assert_allclose(many.logprobs, one.logprobs, atol=1e-5)
+    # The same rows without a mesh and with the slots as configured drop tokens, so they differ.
+    dropping = jax.jit(lambda p, t: r1jax.forward(p, t, capped.replace(moe_dispatch="capacity")))
+    full = np.array([p + list(t) for p, t in zip([PROMPTS[1]], one.tokens[1:2])], np.int32)
+    assert not np.allclose(dropping(v3.params, full), r1jax.forward(v3.params, full, v3.cfg), atol=1e-4)
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -63,10 +63,11 @@ def token_logprobs(params: dict, tokens: jax.Array, positions: jax.Array, segmen
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, adv: jax.Array,
                 mask: jax.Array, *, epsilon_low: float, epsilon_high: float, beta: float,
-                aggregation: str, max_len: int):
+                aggregation: str, max_len: int, num_completions=None):
     """Per-token ℓ = −min(r·Â, clip(r, 1−ε_low, 1+ε_high)·Â) + β·k3, aggregated.
 
-    logp/old_logp/ref_logp/mask [N, L] over completion tokens, adv [N]. -> (loss, metrics).
+    logp/old_logp/ref_logp/mask [N, L] over completion tokens, adv [N]; num_completions: the rows
+    that are completions (default N; fewer when the batch is padded). -> (loss, metrics).
     """
     mask = mask.astype(jnp.float32)
     log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -80,7 +81,7 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None
         d = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = jnp.exp(d) - d - 1  # k3: unbiased, ≥ 0
         per_token = per_token + beta * kl
-    loss = aggregate(per_token, mask, aggregation, max_len)
+    loss = aggregate(per_token, mask, aggregation, max_len, num_completions)
     n_tok = jnp.maximum(mask.sum(), 1.0)
     is_clipped = ((ratio < 1 - epsilon_low) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
     metrics = {
@@ -91,9 +92,10 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None
     return loss, metrics
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, how: str, max_len: int) -> jax.Array:
+def aggregate(per_token: jax.Array, mask: jax.Array, how: str, max_len: int, num_completions=None) -> jax.Array:
     """sequence_mean (GRPO): mean over each completion's tokens, then over completions;
-    token_mean (DAPO): over all tokens of the batch; fixed_length (Dr.GRPO): sum / (N · max_len)."""
+    token_mean (DAPO): over all tokens of the batch; fixed_length (Dr.GRPO): sum / (N · max_len), N the
+    number of completions (default: rows; padding rows, all masked, are not completions)."""
     if how == "sequence_mean":
         per_seq = (per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
         has = (mask.sum(-1) > 0).astype(jnp.float32)
@@ -101,7 +103,8 @@ def aggregate(per_token: jax.Array, mask: jax.Array, how: str, max_len: int) -> 
     if how == "token_mean":
         return (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     if how == "fixed_length":
-        return (per_token * mask).sum() / (per_token.shape[0] * max_len)
+        n = per_token.shape[0] if num_completions is None else jnp.maximum(num_completions, 1)
+        return (per_token * mask).sum() / (n * max_len)
     raise ValueError(f"loss_aggregation {how!r}")
 
 
@@ -118,12 +121,13 @@ def completion_logprobs(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig,
 
 def loss_fn(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig):
     """The GRPO objective on a rollout batch {tokens, positions, segment_ids, completion_mask,
-    old_logp, ref_logp, advantages}."""
+    old_logp, ref_logp, advantages} (and optionally sample_mask [N]: False for padding rows)."""
     logp, ent = completion_logprobs(params, batch, cfg, gcfg, with_entropy=True)
+    rows = batch["sample_mask"].astype(jnp.float32).sum() if "sample_mask" in batch else None
     loss, metrics = policy_loss(
         logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"], batch["completion_mask"],
         epsilon_low=gcfg.epsilon_low, epsilon_high=gcfg.epsilon_high, beta=gcfg.beta,
-        aggregation=gcfg.loss_aggregation, max_len=gcfg.max_new_tokens)
+        aggregation=gcfg.loss_aggregation, max_len=gcfg.max_new_tokens, num_completions=rows)
     m = batch["completion_mask"].astype(jnp.float32)
     metrics["entropy"] = jax.lax.stop_gradient((ent * m).sum() / jnp.maximum(m.sum(), 1.0))
     metrics["loss"] = loss

@@ -1,6 +1,12 @@
 """The GRPO stage: sample G completions per prompt with the current policy, score them with the
 rule-based rewards, and take μ clipped policy-gradient updates — rollout and training share one
-params pytree in one process (no weight copy, identical MoE routing code)."""
+params pytree in one process (no weight copy, identical MoE routing code).
+
+Every run is a mesh run, like SFT's (`train/loop.py`): the state lives in the shardings the rules give
+it, the sampler splits the rollout rows over the batch axes (data×fsdp×expert) and reads the params
+where they lie, and the training batch is split the same way. Every process computes the same rollout
+(whole prompt batch, replicated sampler output, same rewards), so host-side decisions (dynamic sampling
+rounds, padding) agree without communication; only process 0 writes files other than checkpoints."""
 
 from __future__ import annotations
 
@@ -8,24 +14,28 @@ import dataclasses
 import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import flax.struct
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from r1jax.checkpoint.manager import CheckpointManager, install_sigterm_handler, preemption_requested
 from r1jax.config import GRPOConfig, ModelConfig
 from r1jax.data.pipeline import make_prompt_iterator
 from r1jax.data.tokenizer import load_tokenizer
 from r1jax.eval.run import evaluate_model, prompt_rows
-from r1jax.model.params import init_params
+from r1jax.model.params import init_params, param_shapes
+from r1jax.parallel import mesh as mesh_lib
+from r1jax.parallel import rules as rules_lib
 from r1jax.rl import grpo, rewards as rewards_lib, sampler
 from r1jax.train import optimizer
-from r1jax.model.params import param_shapes
-from r1jax.train.loop import RunResult, _check_vocab, _write_run_config, resolve_model
+from r1jax.train.loop import RunResult, _check_vocab, _write_run_config, close_run, finish_run, resolve_model
 from r1jax.train.metrics import MetricsWriter, to_host
 
 
@@ -54,12 +64,16 @@ class Rollout:
     answers: list
 
 
-def _sample_groups(params, model_cfg, cfg: GRPOConfig, batch, tok, reward_set, seed) -> Rollout:
+def _sample_groups(params, model_cfg, cfg: GRPOConfig, batch, tok, reward_set, seed, mesh=None):
+    """-> (Rollout, seconds sampling, seconds scoring: detokenizing and the reward functions)."""
     G = cfg.num_generations
     rows = prompt_rows(batch)
     rep = [r for r in rows for _ in range(G)]
+    t0 = time.perf_counter()
     out = sampler.sample(params, model_cfg, rep, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, eos_id=tok.eos_id)
+                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, eos_id=tok.eos_id, mesh=mesh, rules=cfg.mesh,
+                         bucket=cfg.prompts.seq_len)
+    t1 = time.perf_counter()
     texts = []
     for i in range(len(rep)):
         ids = out.tokens[i, : int(out.lengths[i])].tolist()
@@ -76,8 +90,9 @@ def _sample_groups(params, model_cfg, cfg: GRPOConfig, batch, tok, reward_set, s
                                            max_length=cfg.max_new_tokens, cache_length=cfg.overlong_cache_length)
         per["overlong_penalty"] = pen
         r = r + np.array(pen)
-    return Rollout(np.repeat(batch["tokens"], G, 0), np.repeat(batch["prompt_mask"], G, 0), out.tokens,
+    roll = Rollout(np.repeat(batch["tokens"], G, 0), np.repeat(batch["prompt_mask"], G, 0), out.tokens,
                    out.lengths, out.finished, r, per, texts, prompts_text, answers)
+    return roll, t1 - t0, time.perf_counter() - t1
 
 
 def _concat(rolls: list[Rollout]) -> Rollout:
@@ -101,16 +116,19 @@ def _zero_variance(roll: Rollout, G: int) -> np.ndarray:
     return np.nan_to_num(np.nanstd(r, axis=1), nan=0.0) == 0
 
 
-def rollout(params, model_cfg, cfg: GRPOConfig, prompt_it, tok, reward_set, step: int):
+def rollout(params, model_cfg, cfg: GRPOConfig, prompt_it, tok, reward_set, step: int, mesh=None):
     """Sample until P groups are collected; with dynamic sampling, groups whose rewards are all equal
-    are dropped and more prompts sampled (DAPO), up to max_sampling_rounds. -> (Rollout, stats)."""
+    are dropped and more prompts sampled (DAPO), up to max_sampling_rounds. -> (Rollout, stats).
+    Every process computes the same rollout (same prompts, replicated sampler output), so their
+    decisions agree; the sampling itself is split over the mesh."""
     G = cfg.num_generations
     want = cfg.prompts.batch_size
-    rolls, kept, zero_var, seen = [], 0, 0, 0
+    rolls, kept, zero_var, seen, t_sample, t_reward = [], 0, 0, 0, 0.0, 0.0
     for rnd in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         batch = next(prompt_it)
         seed = int(np.uint32(hash((cfg.seed, step, rnd)) & 0xFFFFFFFF))
-        roll = _sample_groups(params, model_cfg, cfg, batch, tok, reward_set, seed)
+        roll, ts, tr = _sample_groups(params, model_cfg, cfg, batch, tok, reward_set, seed, mesh)
+        t_sample, t_reward = t_sample + ts, t_reward + tr
         zv = _zero_variance(roll, G)
         zero_var += int(zv.sum())
         seen += len(zv)
@@ -123,12 +141,15 @@ def rollout(params, model_cfg, cfg: GRPOConfig, prompt_it, tok, reward_set, step
     roll = _concat(rolls)
     if cfg.dynamic_sampling and kept > want:
         roll = _select_groups(roll, np.arange(kept) < want, G)
-    return roll, {"zero_variance_fraction": zero_var / max(seen, 1), "sampling_rounds": len(rolls)}
+    return roll, {"zero_variance_fraction": zero_var / max(seen, 1), "sampling_rounds": len(rolls),
+                  "time_sample": t_sample, "time_reward": t_reward}
 
 
-def training_batch(roll: Rollout, cfg: GRPOConfig, eos_id: int) -> dict:
+def training_batch(roll: Rollout, cfg: GRPOConfig, eos_id: int, rows: int | None = None) -> dict:
     """Rollout -> arrays for the loss: tokens [N, Lp+M] (left-padded prompt, completion), positions
-    restarting at the first real token, segment ids (0 = padding), completion mask, advantages."""
+    restarting at the first real token, segment ids (0 = padding), completion mask, advantages, and
+    sample_mask [N]. With `rows`, padded to that many rows (copies of row 0 that carry no loss and are
+    no completions: sample_mask False), so every step has one shape that splits over the mesh."""
     N, M = roll.completions.shape
     comp_real = np.arange(M)[None, :] < roll.lengths[:, None]
     tokens = np.concatenate([roll.prompt_tokens, np.where(comp_real, roll.completions, eos_id)], axis=1)
@@ -141,17 +162,88 @@ def training_batch(roll: Rollout, cfg: GRPOConfig, eos_id: int) -> dict:
     G = cfg.num_generations
     adv = grpo.advantages(jnp.asarray(np.nan_to_num(roll.rewards).reshape(-1, G), jnp.float32),
                           jnp.asarray(valid.reshape(-1, G)), scale=cfg.scale_rewards, eps=cfg.advantage_eps)
-    return {"tokens": tokens.astype(np.int32), "positions": positions.astype(np.int32),
-            "segment_ids": real.astype(np.int32), "completion_mask": mask,
-            "advantages": np.asarray(adv).reshape(-1)}
+    batch = {"tokens": tokens.astype(np.int32), "positions": positions.astype(np.int32),
+             "segment_ids": real.astype(np.int32), "completion_mask": mask,
+             "advantages": np.asarray(adv, np.float32).reshape(-1), "sample_mask": np.ones(N, bool)}
+    extra = 0 if rows is None else rows - N
+    if extra > 0:
+        pad = {"completion_mask": False, "advantages": 0.0, "sample_mask": False}
+        batch = {k: np.concatenate([v, np.repeat(np.full_like(v[:1], pad[k]) if k in pad else v[:1], extra, 0)])
+                 for k, v in batch.items()}
+    return batch
 
 
-def _update(state: GRPOState, batch: dict, *, cfg: ModelConfig, gcfg: GRPOConfig, tx):
-    (_, metrics), grads = jax.value_and_grad(grpo.loss_fn, has_aux=True)(state.params, batch, cfg, gcfg)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    return state.replace(params=params, opt_state=opt_state), metrics
+def batch_shapes(cfg: GRPOConfig) -> dict:
+    """Global shapes of one training batch: N = prompts.batch_size × num_generations rows."""
+    N, Lp, M = cfg.prompts.batch_size * cfg.num_generations, cfg.prompts.seq_len, cfg.max_new_tokens
+    S = jax.ShapeDtypeStruct
+    shapes = {k: S((N, Lp + M), jnp.int32) for k in ("tokens", "positions", "segment_ids")}
+    shapes.update(completion_mask=S((N, M), jnp.bool_), advantages=S((N,), jnp.float32),
+                  sample_mask=S((N,), jnp.bool_), old_logp=S((N, M), jnp.float32))
+    if cfg.beta > 0:
+        shapes["ref_logp"] = S((N, M), jnp.float32)
+    return shapes
+
+
+def batch_shardings(shapes: dict, mesh, rules) -> dict:
+    """Rows over the `batch` rule's axes (data×fsdp×expert), positions over `length`'s."""
+    sizes = rules_lib.mesh_sizes(mesh)
+    names = lambda n: ("batch", "length", None, None)[:n]  # noqa: E731
+    return {k: NamedSharding(mesh, rules_lib.logical_spec(names(len(v.shape)), v.shape, rules, sizes))
+            for k, v in shapes.items()}
+
+
+def init_state(params: dict, tx: optax.GradientTransformation, cfg: GRPOConfig) -> GRPOState:
+    # copy: π_ref must not share buffers with the params the update donates.
+    ref = jax.tree.map(jnp.copy, params) if cfg.beta > 0 else {}
+    return GRPOState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(cfg.seed), ref)
+
+
+def update(state: GRPOState, batch: dict, *, cfg: ModelConfig, gcfg: GRPOConfig, tx):
+    """μ = num_iterations policy updates on one rollout batch (π_old fixed at sampling), then step + 1.
+    -> new state, the last update's metrics."""
+    def one(st, _):
+        (_, metrics), grads = jax.value_and_grad(grpo.loss_fn, has_aux=True)(st.params, batch, cfg, gcfg)
+        updates, opt_state = tx.update(grads, st.opt_state, st.params)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return st.replace(params=optax.apply_updates(st.params, updates), opt_state=opt_state), metrics
+
+    state, metrics = jax.lax.scan(one, state, length=gcfg.num_iterations)
+    return state.replace(step=state.step + 1), jax.tree.map(lambda m: m[-1], metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The compiled pieces of a GRPO step on one mesh (call them inside its sharding_context)."""
+
+    logprobs: Callable  # (params, batch) -> completion log-probs [N, M] at the sampling temperature
+    update: Callable  # (state, batch) -> (state, metrics); donates the state
+    refresh: Callable  # params -> a copy for π_ref
+
+
+def make_steps(model_cfg, cfg: GRPOConfig, tx, state_sh: GRPOState, batch_sh: dict, mesh) -> Steps:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    inputs = {k: v for k, v in batch_sh.items() if k not in ("old_logp", "ref_logp")}
+    logprobs = jax.jit(functools.partial(grpo.completion_logprobs, cfg=model_cfg, gcfg=cfg),
+                       in_shardings=(state_sh.params, inputs), out_shardings=batch_sh["old_logp"])
+    step = jax.jit(functools.partial(update, cfg=model_cfg, gcfg=cfg, tx=tx), in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, replicated), donate_argnums=0)
+    refresh = jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(state_sh.params,),
+                      out_shardings=state_sh.params)
+    return Steps(logprobs, step, refresh)
+
+
+def global_batch(batch: dict, shardings: dict) -> dict:
+    """Every process holds the whole batch (the same rollout); each device takes its rows."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], v, v.shape) for k, v in batch.items()}
+
+
+def check_mesh(cfg: GRPOConfig, model_cfg, shape: dict[str, int]) -> None:
+    """What must divide, before anything is compiled: experts and heads, and the rollout rows over
+    the batch axes (sampling and training use the same rows)."""
+    mesh_lib.check_model(model_cfg, shape)
+    mesh_lib.check_batch(cfg.prompts.batch_size * cfg.num_generations, shape,
+                         "prompts.batch_size × num_generations", cfg.mesh)
 
 
 def _write_samples(run_dir: Path, step: int, roll: Rollout, adv: np.ndarray) -> None:
@@ -177,10 +269,16 @@ def _rollout_metrics(roll: Rollout, G: int) -> dict:
     return m
 
 
-def train_grpo(cfg: GRPOConfig) -> RunResult:
-    """Run (or resume) GRPO in cfg.out_dir."""
+def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
+    """Run (or resume) GRPO in cfg.out_dir on a mesh of `devices` (default: all) shaped by cfg.mesh.
+
+    Rollout and training share one params pytree, laid out by the rules: the sampler runs on the
+    training state's params where they lie, with the rows split over the batch axes."""
+    mesh_lib.initialize_distributed()
     run_dir = Path(cfg.out_dir)
-    model_cfg, params = resolve_model(cfg)
+    mesh = mesh_lib.build_mesh(cfg.mesh, devices)
+    model_cfg, params = resolve_model(cfg, mesh)
+    check_mesh(cfg, model_cfg, rules_lib.mesh_sizes(mesh))
     tok = load_tokenizer(cfg.prompts.tokenizer)
     _check_vocab(tok, model_cfg)
     reward_set = rewards_lib.reward_set(cfg.rewards)
@@ -189,91 +287,92 @@ def train_grpo(cfg: GRPOConfig) -> RunResult:
         ckpt_cfg = dataclasses.replace(ckpt_cfg, directory=str(run_dir / "checkpoints"))
     run_dir.mkdir(parents=True, exist_ok=True)
     manager = CheckpointManager(ckpt_cfg, model_config=model_cfg)
-    prompt_it = make_prompt_iterator(cfg.prompts, tok)
+    # Every process reads the whole prompt batch: rollouts are identical everywhere (see `rollout`).
+    prompt_it = make_prompt_iterator(cfg.prompts, tok, shard=grain.sharding.NoSharding())
+    eval_prompts = None
+    if cfg.eval_prompts is not None:
+        eval_prompts = dataclasses.replace(cfg.eval_prompts, shard_index=0, shard_count=1)
     tx = optimizer.build(cfg.optimizer, cfg.steps)
-    update = jax.jit(functools.partial(_update, cfg=model_cfg, gcfg=cfg, tx=tx), donate_argnums=0)
+    abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg), param_shapes(model_cfg))
+    state_sh = rules_lib.state_shardings(abstract, rules_lib.param_shardings(model_cfg, mesh, cfg.mesh), mesh)
+    shapes = batch_shapes(cfg)
+    batch_sh = batch_shardings(shapes, mesh, cfg.mesh)
+    steps = make_steps(model_cfg, cfg, tx, state_sh, batch_sh, mesh)
+    primary = jax.process_index() == 0
 
-    def fresh_state():
-        p = params if params is not None else init_params(model_cfg, jax.random.key(cfg.seed))
-        ref = jax.tree.map(jnp.copy, p) if cfg.beta > 0 else {}
-        return GRPOState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key(cfg.seed), ref)
+    with rules_lib.sharding_context(mesh, cfg.mesh):
+        start = manager.latest_step()
+        if start is None:
+            if params is None:
+                params = init_params(model_cfg, jax.random.key(cfg.seed), out_shardings=state_sh.params)
+            else:  # loaded with the default rules; this run's rules may differ
+                params = jax.device_put(params, state_sh.params)
+            state = jax.jit(lambda p: init_state(p, tx, cfg), out_shardings=state_sh)(params)
+            start = 0
+        else:
+            state, data_state = manager.restore(start, abstract_state=abstract, shardings=state_sh)
+            prompt_it.set_state(data_state)
+        del params
+        if primary:
+            _write_run_config(run_dir, cfg, model_cfg)
+        writer = MetricsWriter(run_dir, resume_step=start)
+        install_sigterm_handler()
+        bar = None
+        if cfg.progress and primary:
+            from tqdm.auto import tqdm
 
-    start = manager.latest_step()
-    if start is None:
-        state, start = fresh_state(), 0
-    else:
-        def abstract():
-            p = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes(model_cfg))
-            return GRPOState(jnp.zeros((), jnp.int32), p, tx.init(p), jax.random.key(cfg.seed),
-                             p if cfg.beta > 0 else {})
-        state, data_state = manager.restore(start, abstract_state=jax.eval_shape(abstract))
-        prompt_it.set_state(data_state)
-    _write_run_config(run_dir, cfg, model_cfg)
-    writer = MetricsWriter(run_dir, resume_step=start)
-    install_sigterm_handler()
-    bar = None
-    if cfg.progress and jax.process_index() == 0:
-        from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True)
+        status, last, step = "completed", {}, start
+        try:
+            while step < cfg.steps:
+                roll, rstats = rollout(state.params, model_cfg, cfg, prompt_it, tok, reward_set, step, mesh)
+                metrics = {**_rollout_metrics(roll, cfg.num_generations), **rstats}
+                if len(roll.lengths) == 0:  # every group had equal rewards in every round: nothing to learn
+                    step += 1
+                else:
+                    batch = training_batch(roll, cfg, tok.eos_id, rows=shapes["tokens"].shape[0])
+                    dev = global_batch(batch, batch_sh)
+                    t1 = time.perf_counter()
+                    inputs = dict(dev)
+                    dev["old_logp"] = steps.logprobs(state.params, inputs)
+                    if cfg.beta > 0:
+                        dev["ref_logp"] = steps.logprobs(state.ref_params, inputs)
+                    jax.block_until_ready(dev)
+                    t2 = time.perf_counter()
+                    state, m = steps.update(state, dev)
+                    m = to_host(m)
+                    t3 = time.perf_counter()
+                    step += 1
+                    if cfg.beta > 0 and cfg.ref_refresh_steps and step % cfg.ref_refresh_steps == 0:
+                        state = state.replace(ref_params=steps.refresh(state.params))
+                    metrics.update(m)
+                    metrics.update(time_logprob=t2 - t1, time_update=t3 - t2)
+                    if primary and cfg.samples_every and (step % cfg.samples_every == 0 or step == 1):
+                        _write_samples(run_dir, step, roll, batch["advantages"])
+                if not np.isfinite(metrics.get("loss", 0.0)):
+                    from r1jax.train.loop import TrainingDiverged
 
-        bar = tqdm(total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True)
-    status, last, step = "completed", {}, start
-    try:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            roll, rstats = rollout(state.params, model_cfg, cfg, prompt_it, tok, reward_set, step)
-            t_sample = time.perf_counter() - t0
-            metrics = {**_rollout_metrics(roll, cfg.num_generations), **rstats}
-            if len(roll.lengths) == 0:  # every group had equal rewards in every round: nothing to learn
-                step += 1
-            else:
-                batch = training_batch(roll, cfg, tok.eos_id)
-                dev = jax.tree.map(jnp.asarray, batch)
-                t1 = time.perf_counter()
-                dev["old_logp"] = grpo.rollout_logprobs(state.params, dev, model_cfg, cfg)
-                if cfg.beta > 0:
-                    dev["ref_logp"] = grpo.rollout_logprobs(state.ref_params, dev, model_cfg, cfg)
-                t_logp = time.perf_counter() - t1
-                t2 = time.perf_counter()
-                for _ in range(cfg.num_iterations):
-                    state, m = update(state, dev)
-                m = to_host(m)
-                t_update = time.perf_counter() - t2
-                step += 1
-                state = state.replace(step=jnp.asarray(step, jnp.int32))
-                if cfg.beta > 0 and cfg.ref_refresh_steps and step % cfg.ref_refresh_steps == 0:
-                    state = state.replace(ref_params=jax.tree.map(jnp.copy, state.params))
-                metrics.update(m)
-                metrics.update(time_sample=t_sample, time_logprob=t_logp, time_update=t_update)
-                if cfg.samples_every and (step % cfg.samples_every == 0 or step == 1):
-                    _write_samples(run_dir, step, roll, batch["advantages"])
-            if not np.isfinite(metrics.get("loss", 0.0)):
-                from r1jax.train.loop import TrainingDiverged
-
-                raise TrainingDiverged(f"step {step}: GRPO loss is not finite; the last good checkpoint "
-                                       f"(step {manager.latest_step()}) is intact in {manager.directory}")
-            manager.save(step, state, prompt_it.get_state())
-            if cfg.eval_prompts is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                summary, _ = evaluate_model(state.params, model_cfg, cfg.eval_prompts, tok,
-                                            num_samples=cfg.eval_samples, temperature=0.0 if cfg.eval_samples == 1 else cfg.temperature,
-                                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-                metrics.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                writer.write(step, metrics)
-            last = metrics
-            if bar is not None:
-                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", refresh=False)
-                bar.update(1)
-            if preemption_requested() or manager.reached_preemption(step):
+                    raise TrainingDiverged(f"step {step}: GRPO loss is not finite; the last good checkpoint "
+                                           f"(step {manager.latest_step()}) is intact in {manager.directory}")
+                manager.save(step, state, prompt_it.get_state())
+                if eval_prompts is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                    summary, _ = evaluate_model(state.params, model_cfg, eval_prompts, tok,
+                                                num_samples=cfg.eval_samples,
+                                                temperature=0.0 if cfg.eval_samples == 1 else cfg.temperature,
+                                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, mesh=mesh)
+                    metrics.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    writer.write(step, metrics)
+                last = metrics
+                if bar is not None:
+                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", refresh=False)
+                    bar.update(1)
+                if preemption_requested() or manager.reached_preemption(step):
+                    manager.save(step, state, prompt_it.get_state(), force=True)
+                    status = "preempted"
+                    break
+            if status != "preempted":
                 manager.save(step, state, prompt_it.get_state(), force=True)
-                status = "preempted"
-                break
-        if status != "preempted":
-            manager.save(step, state, prompt_it.get_state(), force=True)
-    finally:
-        manager.wait()
-        manager.close()
-        writer.close()
-        if bar is not None:
-            bar.close()
-    (run_dir / "result.json").write_text(json.dumps({"status": status, "step": step, "metrics": last}, indent=1))
-    return RunResult(status, step, run_dir, last)
+        finally:
+            close_run(manager, writer, bar)
+    return finish_run(run_dir, status, step, last, primary)

@@ -40,12 +40,10 @@ from r1jax.config import DenseConfig, ModelConfig
 from r1jax.errors import ConfigError, DataError
 from r1jax.model import attention, dense, moe, rope, transformer
 from r1jax.model.layers import cast_tree, rms_norm, swiglu
+from r1jax.parallel import experts
+from r1jax.parallel import rules as rules_lib
 
-# Mesh axes the batch is split over when `mesh=` is given (those present in the mesh).
-BATCH_AXES = ("data", "fsdp")
 MIN_BUCKET = 8
-# Token-dropping MoE dispatch strategies -> the dropless strategy the sampler runs instead.
-DROPLESS = {"capacity": "ragged", "capacity_ep": "ragged_ep"}
 # Incremented each time the generation loop is traced (tests check that buckets avoid recompiles).
 TRACE_COUNT = {"generate": 0}
 
@@ -303,11 +301,45 @@ def _step_keys(row_keys, step):
     return jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
 
 
+# --------------------------------------------------------------------------- dropless MoE
+# Inference is dropless (V3 §2.1.2): capacity drops would make a row's tokens depend on the rest of
+# its batch (and on how the batch is split over devices).
+
+
+def _full_capacity(cfg: ModelConfig) -> ModelConfig:
+    # A token picks k distinct experts, so no expert receives more copies than there are tokens:
+    # capacity_factor E/k gives C = ceil(N) slots, which nothing can overflow.
+    return cfg.replace(capacity_factor=max(cfg.capacity_factor, cfg.n_routed_experts / cfg.num_experts_per_tok))
+
+
+def _dropless_expert_parallel(cfg: ModelConfig, platform: str) -> ModelConfig:
+    """ragged_ep where XLA has the ragged all-to-all; elsewhere (CPU) capacity_ep with full capacity:
+    still expert parallel and dropless, at E/k times the expert FFN work of the slots actually used."""
+    if platform in experts.NO_RAGGED_ALL_TO_ALL:
+        return _full_capacity(cfg)
+    return cfg.replace(moe_dispatch="ragged_ep")
+
+
+# Token-dropping MoE dispatch strategy -> (cfg, platform) -> the dropless config the sampler runs.
+DROPLESS = {
+    "capacity": lambda cfg, platform: cfg.replace(moe_dispatch="ragged"),
+    "capacity_ep": _dropless_expert_parallel,
+}
+
+
+def dropless(cfg: ModelConfig | DenseConfig, mesh=None) -> ModelConfig | DenseConfig:
+    """cfg with a dropless MoE dispatch for sampling on `mesh`'s devices (default backend without one)."""
+    if not isinstance(cfg, ModelConfig) or cfg.moe_dispatch not in DROPLESS:
+        return cfg
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return DROPLESS[cfg.moe_dispatch](cfg, platform)
+
+
 # --------------------------------------------------------------------------- the jitted loop
 
 
 def _constrain(x, mesh, axes):
-    """Keep the batch dim (axis 1 of cache arrays: [Y,B,...]) split over the data axes."""
+    """Keep the batch dim (axis 1 of cache arrays: [Y,B,...]) split over the batch axes."""
     if mesh is None:
         return x
     return jax.tree.map(
@@ -350,12 +382,13 @@ def _record_step(s: dict, i, tok, logp, logits, stopped, fill_id) -> dict:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache", "greedy", "truncate", "with_logits",
-                                             "mesh", "axes"))
+                                             "mesh", "axes", "rules"))
 def _generate(params, tokens, lengths, stop_table, row_ids, seed, temperature, top_p, top_k, fill_id, *,
               cfg: ModelConfig, max_new_tokens: int, cache: str, greedy: bool, truncate: bool, with_logits: bool,
-              mesh, axes) -> dict:
+              mesh, axes, rules) -> dict:
     """tokens [B,P] right-padded, lengths [B], stop_table [B,X] (-1 = none) -> {tokens [B,M],
-    logprobs [B,M], lengths [B] (generated), done [B], and with_logits: logits [B,M,W]}."""
+    logprobs [B,M], lengths [B] (generated), done [B], and with_logits: logits [B,M,W]}. `rules` is
+    only part of the cache key: the enclosing sharding_context's rules shape the trace."""
     TRACE_COUNT["generate"] += 1
     mode = cache_modes(cfg)[cache]
     B, P = tokens.shape
@@ -383,7 +416,10 @@ def _generate(params, tokens, lengths, stop_table, row_ids, seed, temperature, t
         return i + 1, s
 
     _, state = jax.lax.while_loop(lambda c: (c[0] < M - 1) & ~jnp.all(c[1]["done"]), body, (jnp.int32(0), state))
-    return {k: v for k, v in state.items() if k not in ("kv", "tok")}
+    out = {k: v for k, v in state.items() if k not in ("kv", "tok")}
+    if mesh is not None:  # replicated, so every process can read the whole batch
+        out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, PartitionSpec()))
+    return out
 
 
 # --------------------------------------------------------------------------- validation (before compiling)
@@ -486,18 +522,32 @@ class SampleOutput:
         return ["stop" if f else "length" for f in self.finished]
 
 
-def _batch_axes(mesh) -> tuple[str, ...]:
-    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+def _batch_axes(mesh, rules) -> tuple[str, ...]:
+    """The mesh axes of the `batch` rule (data×fsdp×expert by default) that this mesh has."""
+    return tuple(a for a in rules_lib.axes_of("batch", rules) if a in mesh.axis_names)
 
 
 def _pad_rows(arrays: list[np.ndarray], multiple: int) -> list[np.ndarray]:
-    """Repeat row 0 so the batch divides the data-parallel size (the extra rows are dropped later)."""
+    """Repeat row 0 so the batch divides the batch split (the extra rows are dropped later)."""
     extra = -arrays[0].shape[0] % multiple
     return [np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) if extra else a for a in arrays]
 
 
+def _on_mesh(params, mesh) -> bool:
+    return all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+               for x in jax.tree.leaves(params))
+
+
+def _place_params(params, cfg, mesh, rules):
+    """Params already laid out on `mesh` (a training state's) are used where they are, so rollout and
+    training share one copy; others are split by the rules like a training state's."""
+    if _on_mesh(params, mesh):
+        return params
+    return jax.device_put(params, rules_lib.param_shardings(cfg, mesh, rules))
+
+
 def _sample(params, cfg, rows, *, max_new_tokens, temperature, top_p, top_k, seed, eos_id, stop_table, cache,
-            mesh, row_ids, with_logits=False, bucket=MIN_BUCKET) -> SampleOutput:
+            mesh, row_ids, with_logits=False, bucket=MIN_BUCKET, rules=None) -> SampleOutput:
     B = len(rows)
     lengths = np.array([len(r) for r in rows], np.int32)
     P = max(prompt_bucket(int(lengths.max())), bucket)
@@ -505,41 +555,51 @@ def _sample(params, cfg, rows, *, max_new_tokens, temperature, top_p, top_k, see
     for b, r in enumerate(rows):
         tokens[b, : len(r)] = r
     batch = [tokens, lengths, stop_table, np.asarray(row_ids, np.int32)]
-    axes = None
-    if mesh is not None:
-        axes = _batch_axes(mesh)
+    cfg = dropless(cfg, mesh)
+    fill = eos_id if eos_id is not None else (cfg.pad_token_id or 0)
+    run = functools.partial(_generate, cfg=cfg, max_new_tokens=int(max_new_tokens), cache=resolve_cache(cfg, cache),
+                            greedy=temperature == 0, truncate=bool(top_p < 1 or top_k > 0), with_logits=with_logits)
+    scalars = (np.uint32(seed), np.float32(temperature), np.float32(top_p), np.int32(top_k), np.int32(fill))
+    if mesh is None:
+        out = run(params, *batch, *scalars, mesh=None, axes=None, rules=None)
+    else:
+        rules = rules_lib.as_pairs(rules if rules is not None else rules_lib.active_rules())
+        axes = _batch_axes(mesh, rules)
         batch = _pad_rows(batch, int(np.prod([mesh.shape[a] for a in axes])))
         split = NamedSharding(mesh, PartitionSpec(axes))
-        batch = [jax.device_put(a, split) for a in batch]
-        params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-    # Inference is dropless (V3 §2.1.2): capacity drops would make a row depend on its batch.
-    if isinstance(cfg, ModelConfig) and cfg.moe_dispatch in DROPLESS:
-        cfg = cfg.replace(moe_dispatch=DROPLESS[cfg.moe_dispatch])
-    fill = eos_id if eos_id is not None else (cfg.pad_token_id or 0)
-    out = _generate(params, *batch, np.uint32(seed), np.float32(temperature), np.float32(top_p),
-                    np.int32(top_k), np.int32(fill), cfg=cfg, max_new_tokens=int(max_new_tokens),
-                    cache=resolve_cache(cfg, cache), greedy=temperature == 0,
-                    truncate=bool(top_p < 1 or top_k > 0), with_logits=with_logits, mesh=mesh, axes=axes)
+        # Every process passes the same rows (the global batch); each device takes its share.
+        batch = [jax.make_array_from_process_local_data(split, a, a.shape) for a in batch]
+        params = _place_params(params, cfg, mesh, rules)
+        with rules_lib.sharding_context(mesh, rules):  # activation constraints and expert exchange
+            out = run(params, *batch, *scalars, mesh=mesh, axes=axes, rules=rules)
     out = {k: np.asarray(jax.device_get(v))[:B] for k, v in out.items()}
     return SampleOutput(out["tokens"], out["logprobs"], out["lengths"], out["done"], out.get("logits"))
 
 
 def sample(params: dict, config: ModelConfig | DenseConfig, prompts, *, max_new_tokens: int,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | None = None,
-           stop_ids=None, cache: str | None = None, mesh=None, return_logits: bool = False) -> SampleOutput:
+           stop_ids=None, cache: str | None = None, mesh=None, rules=None, bucket: int = MIN_BUCKET,
+           return_logits: bool = False) -> SampleOutput:
     """Sample up to max_new_tokens per prompt. prompts: int [B,T] or a list of token-id lists (any
     lengths). temperature 0 = greedy; top_k 0 = off. A row stops at eos_id or any of stop_ids (ids
     for every row, or one list per row). Row b draws from fold_in(key(seed), b), so a row's sample
-    does not depend on the rest of the batch or on the mesh. With `mesh`, the batch is split over its
-    "data"/"fsdp" axes and params are replicated. return_logits keeps every step's logits (B·M·W floats).
+    does not depend on the rest of the batch or on the mesh. With `mesh`, the batch is split over the
+    mesh axes of the `batch` rule (data×fsdp×expert; padded to a multiple of their product), params
+    already on the mesh are used where they lie (no copy) and others are split by `rules` (a MeshConfig
+    or pairs; None: the enclosing `sharding_context`'s, else the defaults); every process must pass the
+    same prompts. Prompts are padded to at least `bucket` positions: batches whose prompts fit share
+    one compile. return_logits keeps every step's logits (B·M·W floats).
     cache: a mode of the config's architecture (`cache_modes`); None = its default (latent, gqa)."""
     _check_options(max_new_tokens, temperature, top_p, top_k, cache, seed, cache_modes(config))
+    if isinstance(bucket, bool) or not isinstance(bucket, (int, np.integer)) or bucket < 1:
+        raise ConfigError(f"bucket: must be an int >= 1, got {bucket!r}")
     if eos_id is not None:
         _check_token_id("eos_id", eos_id, config)
     rows = _check_prompts(prompts, config, max_new_tokens)
     table = _stop_table(stop_ids, eos_id, len(rows), config)
     return _sample(params, config, rows, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   top_k=top_k, seed=seed, eos_id=eos_id, stop_table=table, cache=cache, mesh=mesh,
+                   top_k=top_k, seed=seed, eos_id=eos_id, stop_table=table, cache=cache, mesh=mesh, rules=rules,
+                   bucket=prompt_bucket(int(bucket)),
                    row_ids=np.arange(len(rows)), with_logits=bool(return_logits))
 
 

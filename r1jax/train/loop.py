@@ -1,5 +1,7 @@
 """One training loop for pre-training and SFT (and reused by distillation): data → jitted step →
-metrics, evaluation, checkpoints, SIGTERM and NaN handling, exact resume.
+metrics, evaluation, checkpoints, SIGTERM and NaN handling, exact resume. With `distill` set, a frozen
+teacher is loaded once beside the student and the step mixes KL to it with the CE (train/distill.py);
+checkpoints hold the student alone.
 
 Every run is a mesh run (one CPU device is a 1×1×1×1 mesh): the state lives in the shardings the rules
 give it, each process feeds its rows of the global batch, and only process 0 writes files other than
@@ -20,7 +22,7 @@ import yaml
 import r1jax
 from r1jax import config as config_lib
 from r1jax.checkpoint.manager import CheckpointManager, install_sigterm_handler, preemption_requested
-from r1jax.config import DataConfig, ModelConfig, TrainConfig
+from r1jax.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
 from r1jax.data.pipeline import make_iterator
 from r1jax.data.tokenizer import load_tokenizer
 from r1jax.errors import ConfigError, R1JaxError
@@ -49,6 +51,22 @@ class RunResult:
     metrics: dict
 
 
+def close_run(manager, writer, bar) -> None:
+    """Wait for the last checkpoint to commit, then close everything a run opened."""
+    manager.wait()
+    manager.close()
+    writer.close()
+    if bar is not None:
+        bar.close()
+
+
+def finish_run(run_dir: Path, status: str, step: int, last: dict, primary: bool) -> RunResult:
+    """Write result.json (process 0 only) and return the run's outcome."""
+    if primary:
+        (run_dir / "result.json").write_text(json.dumps({"status": status, "step": step, "metrics": last}, indent=1))
+    return RunResult(status, step, run_dir, last)
+
+
 def resolve_model(cfg: TrainConfig, mesh=None):
     """(ModelConfig, params or None): from init_from (architecture from the checkpoint, params placed on
     `mesh` when given) or cfg.model."""
@@ -66,6 +84,46 @@ def resolve_model(cfg: TrainConfig, mesh=None):
                               f"init_from, model may only set {', '.join(EXECUTION_FIELDS)}")
         model_cfg = model_cfg.replace(**{k: getattr(cfg.model, k) for k in EXECUTION_FIELDS})
     return model_cfg, params
+
+
+def teacher_config(dcfg: DistillConfig, student: ModelConfig, sizes: dict[str, int]):
+    """The distillation teacher's config, read without its weights, checked against the student (same
+    vocabulary: the KL compares the distributions id by id) and the mesh."""
+    from r1jax.checkpoint import orbax_io
+    from r1jax.convert import hf_io
+
+    path = Path(dcfg.teacher)
+    if not path.exists():
+        raise ConfigError(f"distill.teacher: {path} does not exist")
+    if (path / "config.json").exists():
+        with hf_io.open_hf(path) as ckpt:  # reads config.json and the safetensors headers only
+            teacher = ckpt.cfg
+    elif orbax_io.is_model_checkpoint(path):
+        teacher = orbax_io.read_model_config(path)
+    else:
+        raise ConfigError(f"distill.teacher: {path} is neither a Hugging Face directory (config.json) nor an "
+                          f"r1jax checkpoint")
+    if teacher.vocab_size != student.vocab_size:
+        raise ConfigError(f"distill.teacher: vocab_size {teacher.vocab_size} of {path} differs from the student's "
+                          f"{student.vocab_size}; logit distillation needs one shared vocabulary")
+    if dcfg.top_k is not None and dcfg.top_k > teacher.vocab_size:
+        raise ConfigError(f"distill.top_k: {dcfg.top_k} is larger than the vocabulary ({teacher.vocab_size})")
+    try:
+        mesh_lib.check_model(teacher, sizes)
+    except ConfigError as e:
+        raise ConfigError(f"distill.teacher: {e}") from None
+    return teacher
+
+
+def load_teacher(dcfg: DistillConfig, shardings) -> dict:
+    """The teacher's params, each leaf read straight into its sharding (this run's rules)."""
+    from r1jax.checkpoint import orbax_io
+    from r1jax.convert import hf_io
+
+    path = Path(dcfg.teacher)
+    if (path / "config.json").exists():
+        return hf_io.load_hf(path, None, shardings)[1]
+    return orbax_io.load_model(path, shardings=shardings)[1]
 
 
 def _check_vocab(tok, model_cfg: ModelConfig) -> None:
@@ -134,6 +192,7 @@ def train(cfg: TrainConfig) -> RunResult:
     mesh = mesh_lib.build_mesh(cfg.mesh)
     model_cfg, params = resolve_model(cfg, mesh)
     mesh_lib.check_train(cfg, model_cfg, rules_lib.mesh_sizes(mesh))
+    teacher_cfg = None if cfg.distill is None else teacher_config(cfg.distill, model_cfg, rules_lib.mesh_sizes(mesh))
     tok = load_tokenizer(cfg.data.tokenizer)
     _check_vocab(tok, model_cfg)
     ckpt_cfg = cfg.checkpoint
@@ -144,14 +203,17 @@ def train(cfg: TrainConfig) -> RunResult:
     data = make_iterator(cfg.data, tok)
     tx = optimizer.build(cfg.optimizer, cfg.steps)
     opts = StepOptions(mtp_weight=cfg.mtp_loss_weight, balance_alpha=cfg.balance_loss_alpha,
-                       bias_rate=cfg.router_bias_update_rate, grad_accum_steps=cfg.optimizer.grad_accum_steps)
+                       bias_rate=cfg.router_bias_update_rate, grad_accum_steps=cfg.optimizer.grad_accum_steps,
+                       distill=cfg.distill)
     shapes = batch_shapes(cfg.data)
-    abstract, shardings = step_shardings(model_cfg, tx, cfg.seed, mesh, cfg.mesh, shapes)
-    step_fn = make_train_step(model_cfg, tx, opts, shardings)
+    abstract, shardings = step_shardings(model_cfg, tx, cfg.seed, mesh, cfg.mesh, shapes, teacher_cfg)
+    step_fn = make_train_step(model_cfg, tx, opts, shardings, teacher_cfg)
     lr_at = optimizer.schedule(cfg.optimizer, cfg.steps)
     primary = jax.process_index() == 0
 
     with rules_lib.sharding_context(mesh, cfg.mesh):
+        # The frozen teacher: an argument of every step, never part of the state (nor the checkpoints).
+        teacher = () if teacher_cfg is None else (load_teacher(cfg.distill, shardings.teacher),)
         start = manager.latest_step()
         if start is None:
             if params is None:
@@ -169,6 +231,8 @@ def train(cfg: TrainConfig) -> RunResult:
         install_sigterm_handler()
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         flops_per_step = flops.train_flops_per_token(model_cfg, cfg.data.seq_len) * tokens_per_step
+        if teacher_cfg is not None:  # its forward: a third of a training step's FLOPs
+            flops_per_step += flops.train_flops_per_token(teacher_cfg, cfg.data.seq_len) / 3 * tokens_per_step
         peak = cfg.peak_flops_per_device
         if peak is None and jax.default_backend() == "cpu":
             peak = flops.measured_matmul_flops()
@@ -182,7 +246,7 @@ def train(cfg: TrainConfig) -> RunResult:
                 except StopIteration:
                     status = "data_exhausted"
                     break
-                state, metrics = step_fn(state, global_batch(batch, shapes, shardings.batch))
+                state, metrics = step_fn(state, global_batch(batch, shapes, shardings.batch), *teacher)
                 step += 1
                 steps_since += 1
                 if not bool(metrics["finite"]):
@@ -216,11 +280,5 @@ def train(cfg: TrainConfig) -> RunResult:
             if status != "preempted":
                 manager.save(step, state, data.get_state(), force=True)
         finally:
-            manager.wait()
-            manager.close()
-            writer.close()
-            if bar is not None:
-                bar.close()
-    if primary:
-        (run_dir / "result.json").write_text(json.dumps({"status": status, "step": step, "metrics": last}, indent=1))
-    return RunResult(status, step, run_dir, last)
+            close_run(manager, writer, bar)
+    return finish_run(run_dir, status, step, last, primary)

@@ -47,10 +47,21 @@ def lm_loss(params: dict, batch: dict, cfg: ModelConfig, *, mtp_weight: float, b
                       with_mtp=with_mtp)
     ce_sum, n = cross_entropy(out["logits"], batch["targets"], batch["loss_mask"])
     ce = ce_sum / jnp.maximum(n if ce_denominator is None else ce_denominator, 1.0)
-    total = ce
-    aux = {"ce": ce, "tokens": n}
+    extra, parts = auxiliary_losses(out, batch, cfg, mtp_weight=mtp_weight, balance_alpha=balance_alpha,
+                                    other_scale=other_scale)
+    total = ce + extra
+    aux = {"ce": ce, "tokens": n, **parts, "loss": total}
+    return total, aux
+
+
+def auxiliary_losses(out: dict, batch: dict, cfg: ModelConfig, *, mtp_weight: float, balance_alpha: float,
+                     other_scale: float = 1.0):
+    """The terms besides the main head's, from `model.apply`'s outputs: the MTP CE (when out holds MTP
+    logits) and the balance loss (MoE models). -> (other_scale · their weighted sum, aux parts)."""
+    total = 0.0
+    aux = {}
     moe_stats = [s for s in (out["moe"], out.get("mtp_moe")) if s is not None]
-    if with_mtp:
+    if "mtp_logits" in out:
         mask = _mtp_loss_mask(out, batch["loss_mask"])
         s, c = jax.vmap(cross_entropy)(out["mtp_logits"], out["mtp_targets"], mask)
         per_depth = s / jnp.maximum(c, 1.0)
@@ -64,5 +75,4 @@ def lm_loss(params: dict, batch: dict, cfg: ModelConfig, *, mtp_weight: float, b
         aux["moe"] = out["moe"]
         if out.get("mtp_moe") is not None and cfg.mtp_is_moe:
             aux["mtp_moe"] = out["mtp_moe"]
-    aux["loss"] = total
     return total, aux
