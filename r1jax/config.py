@@ -91,7 +91,9 @@ def _coerce(value, tp, path: str):
             try:
                 return _coerce(value, a, path)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(errors) == 1:  # Optional[X]: X's own message names the key and the problem
+            raise errors[0]
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         if value not in args:

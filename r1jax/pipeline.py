@@ -52,6 +52,9 @@ def resolve_stage(cfg: PipelineConfig, i: int):
         d["stage"] = STAGE_FIELD[spec.kind]
     if isinstance(d.get("init_from"), str) and d["init_from"].startswith("@"):
         d["init_from"] = _ref(cfg, i, d["init_from"], MODEL_KINDS, "init_from")
+    distill = d.get("distill")
+    if isinstance(distill, dict) and isinstance(distill.get("teacher"), str) and distill["teacher"].startswith("@"):
+        distill["teacher"] = _ref(cfg, i, distill["teacher"], MODEL_KINDS, "distill.teacher")
     for section in ("data", "eval_data", "prompts", "eval_prompts"):
         sources = (d.get(section) or {}).get("sources") if isinstance(d.get(section), dict) else None
         if sources:

@@ -300,9 +300,9 @@ def test_distill_config_values_are_checked(kw, match):
 
 
 @pytest.mark.parametrize("block,extra,match", [
-    ("{teacher: T, alpha: 1.5}", {}, r"^distill"),
-    ("{teacher: T, temperature: 0}", {}, r"^distill"),
-    ("{alpha: 0.5}", {}, r"^distill"),  # no teacher
+    ("{teacher: T, alpha: 1.5}", {}, r"^distill.alpha: must be in \[0, 1\], got 1.5"),
+    ("{teacher: T, temperature: 0}", {}, r"^distill.temperature: must be > 0"),
+    ("{alpha: 0.5}", {}, r"^distill.teacher"),  # no teacher
     ("{teacher: T}", dict(stage="pretrain", data_kind="pretrain"), r"distill: .*only with stage 'sft'"),
 ])
 def test_bad_distill_yaml_is_named(tmp_path, block, extra, match):

@@ -54,6 +54,17 @@ def test_bad_references_are_named_before_any_work(tmp_path):
     assert not (tmp_path / "cold").exists()
 
 
+def test_distill_teacher_may_name_an_earlier_stage(tmp_path):
+    d = config.to_dict(tiny_pipeline(tmp_path))
+    d["stages"].append(dict(name="student", kind="distill", config=dict(
+        model="configs/model/tiny_qwen2_student.yaml", steps=2, distill=dict(teacher="@rl", alpha=0.5),
+        data=dict(kind="sft", sources=["@rs"], seq_len=64, batch_size=8))))
+    assert resolve_stage(config.from_dict(PipelineConfig, d), 3).distill.teacher == str(tmp_path / "rl" / "checkpoints")
+    d["stages"][3]["config"]["distill"]["teacher"] = "@rs"
+    with pytest.raises(ConfigError, match=r"stages\[3\].config.distill.teacher: stage 'rs' is a rejection stage"):
+        resolve_stage(config.from_dict(PipelineConfig, d), 3)
+
+
 def test_pipeline_yaml_in_configs_resolves():
     cfg = load_pipeline("configs/pipeline/r1_tiny.yaml")
     kinds = [type(resolve_stage(cfg, i)).__name__ for i in range(len(cfg.stages))]
