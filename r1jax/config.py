@@ -858,6 +858,7 @@ class GRPOConfig:
     overlong: Literal["none", "mask", "soft"] = "none"
     overlong_cache_length: int = 16  # DAPO L_cache for the soft penalty
     logprob_chunk: int = 64  # positions per chunk when computing log-probs (no full [N,T,V] logits)
+    # γ of V3's aux-loss-free bias update, applied after every policy update (0: routing biases frozen).
     router_bias_update_rate: float = 0.0
     progress: bool = True
     # Device mesh and logical-axis rules (see `MeshConfig`); the default puts every device on `data`.
@@ -889,6 +890,7 @@ class GRPOConfig:
         need(0 <= self.overlong_cache_length < self.max_new_tokens or self.overlong != "soft",
              "overlong_cache_length", f"must be in [0, max_new_tokens={self.max_new_tokens})")
         need(self.logprob_chunk >= 1, "logprob_chunk", "must be >= 1")
+        need(self.router_bias_update_rate >= 0, "router_bias_update_rate", "must be >= 0")
         need(self.eval_samples >= 1, "eval_samples", "must be >= 1")
         need(self.samples_every >= 0, "samples_every", "must be >= 0")
         need(len(self.rewards) >= 1, "rewards", "at least one reward function")

@@ -162,3 +162,32 @@ def test_bad_mesh_or_batch_is_named_before_any_work(tmp_path, overrides, match):
     with pytest.raises(ConfigError, match=match):
         train_grpo(cfg)
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.01])
+def test_router_bias_follows_the_rollout_load(rate):
+    """The aux-loss-free bias update runs in RL too: b_i += γ·sign(mean load − load_i), where load is
+    what the policy update's forward routed (recomputed here with numpy from the model's own stats)."""
+    import jax.numpy as jnp
+    import optax
+
+    from r1jax.model import hidden
+    from r1jax.model.params import init_params
+    from r1jax.rl.grpo_loop import GRPOState, update
+
+    cfg = config.load_stage("configs/train/tiny_grpo.yaml", [f"router_bias_update_rate={rate}", "beta=0"])
+    mcfg = cfg.model
+    params = init_params(mcfg, jax.random.key(0))
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(3, mcfg.vocab_size, (4, 10)).astype(np.int32)
+    batch = {"tokens": tokens, "positions": np.tile(np.arange(10, dtype=np.int32), (4, 1)),
+             "segment_ids": np.ones((4, 10), np.int32), "completion_mask": np.ones((4, 6), bool),
+             "advantages": np.array([1.0, -1.0, 0.5, -0.5], np.float32), "old_logp": np.full((4, 6), -6.0, np.float32)}
+    _, stats = hidden(params, jnp.asarray(tokens), mcfg, jnp.asarray(batch["positions"]), jnp.asarray(batch["segment_ids"]))
+    load = np.asarray(stats["load"], np.float64)
+    tx = optax.sgd(0.0)  # no gradient step: only the bias update moves the params
+    state = GRPOState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(0), {})
+    new, metrics = update(state, jax.tree.map(jnp.asarray, batch), cfg=mcfg, gcfg=cfg, tx=tx)
+    want = np.asarray(params["moe_layers"]["mlp"]["router_bias"]) + rate * np.sign(load.mean(-1, keepdims=True) - load)
+    np.testing.assert_allclose(np.asarray(new.params["moe_layers"]["mlp"]["router_bias"]), want, atol=1e-7)
+    assert "moe_load" not in metrics and (rate == 0 or np.abs(want).sum() > 0)

@@ -36,7 +36,7 @@ def token_logprobs(params: dict, tokens: jax.Array, positions: jax.Array, segmen
     """log π(tokens[t+1] | tokens[..t]) / temperature-scaled, for t = 0..T-2 -> [N, T-1] (and the
     policy entropy per position). Logits are made C positions at a time under jax.checkpoint, so a
     full [N, T, V] block never exists, forward or backward."""
-    h, _ = model.hidden(params, tokens, cfg, positions, segment_ids)
+    h, moe_stats = model.hidden(params, tokens, cfg, positions, segment_ids)
     h = h[:, :-1]
     targets = tokens[:, 1:]
     N, T1, D = h.shape
@@ -58,7 +58,7 @@ def token_logprobs(params: dict, tokens: jax.Array, positions: jax.Array, segmen
     lp, ent = jax.lax.map(lambda xs: one(*xs), (hs, ts))
     lp = lp.transpose(1, 0, 2).reshape(N, -1)[:, :T1]
     ent = ent.transpose(1, 0, 2).reshape(N, -1)[:, :T1]
-    return (lp, ent) if with_entropy else lp
+    return (lp, ent, moe_stats) if with_entropy else lp
 
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, adv: jax.Array,
@@ -115,14 +115,14 @@ def completion_logprobs(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig,
                          temperature=gcfg.temperature, chunk=gcfg.logprob_chunk, with_entropy=with_entropy)
     lp_start = batch["tokens"].shape[1] - batch["completion_mask"].shape[1] - 1
     if with_entropy:
-        return out[0][:, lp_start:], out[1][:, lp_start:]
+        return out[0][:, lp_start:], out[1][:, lp_start:], out[2]
     return out[:, lp_start:]
 
 
 def loss_fn(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig):
     """The GRPO objective on a rollout batch {tokens, positions, segment_ids, completion_mask,
     old_logp, ref_logp, advantages} (and optionally sample_mask [N]: False for padding rows)."""
-    logp, ent = completion_logprobs(params, batch, cfg, gcfg, with_entropy=True)
+    logp, ent, moe_stats = completion_logprobs(params, batch, cfg, gcfg, with_entropy=True)
     rows = batch["sample_mask"].astype(jnp.float32).sum() if "sample_mask" in batch else None
     loss, metrics = policy_loss(
         logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"], batch["completion_mask"],
@@ -131,6 +131,8 @@ def loss_fn(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig):
     m = batch["completion_mask"].astype(jnp.float32)
     metrics["entropy"] = jax.lax.stop_gradient((ent * m).sum() / jnp.maximum(m.sum(), 1.0))
     metrics["loss"] = loss
+    if moe_stats is not None:  # per-expert load, for the aux-loss-free bias update (not a metric)
+        metrics["moe_load"] = jax.lax.stop_gradient(moe_stats["load"])
     return loss, metrics
 
 

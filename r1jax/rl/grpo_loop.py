@@ -35,7 +35,8 @@ from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules as rules_lib
 from r1jax.rl import grpo, rewards as rewards_lib, sampler
 from r1jax.train import optimizer
-from r1jax.train.loop import RunResult, _check_vocab, _write_run_config, close_run, finish_run, resolve_model
+from r1jax.train.step import update_router_bias
+from r1jax.train.loop import RunResult, TrainingDiverged, _check_vocab, _write_run_config, close_run, finish_run, resolve_model
 from r1jax.train.metrics import MetricsWriter, to_host
 
 
@@ -206,7 +207,11 @@ def update(state: GRPOState, batch: dict, *, cfg: ModelConfig, gcfg: GRPOConfig,
         (_, metrics), grads = jax.value_and_grad(grpo.loss_fn, has_aux=True)(st.params, batch, cfg, gcfg)
         updates, opt_state = tx.update(grads, st.opt_state, st.params)
         metrics["grad_norm"] = optax.global_norm(grads)
-        return st.replace(params=optax.apply_updates(st.params, updates), opt_state=opt_state), metrics
+        params = optax.apply_updates(st.params, updates)
+        # V3's aux-loss-free balancing keeps running in RL: b_i += γ·sign(mean load − load_i).
+        load = metrics.pop("moe_load", None)
+        params = update_router_bias(params, None if load is None else {"load": load}, gcfg.router_bias_update_rate)
+        return st.replace(params=params, opt_state=opt_state), metrics
 
     state, metrics = jax.lax.scan(one, state, length=gcfg.num_iterations)
     return state.replace(step=state.step + 1), jax.tree.map(lambda m: m[-1], metrics)
@@ -350,8 +355,6 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
                     if primary and cfg.samples_every and (step % cfg.samples_every == 0 or step == 1):
                         _write_samples(run_dir, step, roll, batch["advantages"])
                 if not np.isfinite(metrics.get("loss", 0.0)):
-                    from r1jax.train.loop import TrainingDiverged
-
                     raise TrainingDiverged(f"step {step}: GRPO loss is not finite; the last good checkpoint "
                                            f"(step {manager.latest_step()}) is intact in {manager.directory}")
                 manager.save(step, state, prompt_it.get_state())
