@@ -1,11 +1,16 @@
-"""Weight conversion throughput (HF ⇄ orbax) beside the raw read speed of the same files.
+"""Weight conversion throughput (HF ⇄ orbax) beside raw read and raw copy speed of the same files.
 
 Writes a random V3-architecture model of about --size-mb as a sharded Hugging Face directory, then,
-in the same process: reads every safetensors file start to end (raw read, the ceiling for anything
-that has to read them), converts it to an r1jax orbax checkpoint and back. Best of --repeats each;
-throughput = HF weight bytes / wall time. Conversion times include the single flush to disk that
-publishing a directory does (reported separately), the raw read does not. Expect the page cache to
-hold the files (they were just written), as it would after a download.
+in the same process and all from a warm page cache (the files were just written, as after a
+download; `fincore` confirms it on Linux):
+- raw read: every safetensors file start to end into one reused 16 MB buffer (the ceiling for
+  anything that reads them);
+- raw copy: the same bytes read and written to new files (a converter's floor: it must write as
+  much as it reads), then fsync'd to disk;
+- hf-to-orbax, orbax-to-hf and orbax-to-hf --quantize fp8, each timed twice: as the command runs
+  (the result written back to disk before it is published, the flush overlapping the conversion),
+  and with the flush left out (the page-cache-only work, comparable to the raw read and copy).
+Best of --repeats each; throughput = HF weight bytes (bf16) / wall time.
 
     python benchmarks/convert.py [--size-mb 1024] [--dtype bfloat16] [--repeats 3] [--tmp DIR]
 """
@@ -13,6 +18,7 @@ hold the files (they were just written), as it would after a download.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -20,6 +26,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+READ_BLOCK = 16 << 20
 
 
 def parse_args(argv=None):
@@ -67,7 +75,7 @@ def write_model(directory: Path, cfg, dtype: str) -> int:
 
 def raw_read(directory: Path) -> float:
     """Seconds to read every safetensors file once, 16 MB at a time into one reused buffer."""
-    buf = bytearray(16 << 20)
+    buf = bytearray(READ_BLOCK)
     start = time.perf_counter()
     for f in sorted(directory.glob("*.safetensors")):
         with open(f, "rb", buffering=0) as fh:
@@ -76,54 +84,47 @@ def raw_read(directory: Path) -> float:
     return time.perf_counter() - start
 
 
-def relayout(directory: Path) -> float:
-    """Seconds to read every tensor into the r1jax layout (transposes included), writing nothing: the
-    part of hf-to-orbax that is r1jax's own, slab by slab as the converter does it."""
-    from r1jax.convert import hf, hf_io
-    from r1jax.convert.commands import _budget
-    from r1jax.model.params import param_dtype
+def raw_copy(directory: Path, dst: Path) -> tuple[float, float]:
+    """(seconds to read every safetensors file and write it to dst, seconds to fsync the copies)."""
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir()
+    buf = bytearray(READ_BLOCK)
+    start = time.perf_counter()
+    for f in sorted(directory.glob("*.safetensors")):
+        with open(f, "rb", buffering=0) as src, open(dst / f.name, "wb", buffering=0) as out:
+            while n := src.readinto(buf):
+                out.write(memoryview(buf)[:n])
+    copied = time.perf_counter() - start
+    for f in sorted(dst.iterdir()):
+        fd = os.open(f, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    return copied, time.perf_counter() - start - copied
 
-    with hf_io.open_hf(directory) as ckpt:
-        start = time.perf_counter()
-        for e in hf.entries(ckpt.cfg):
-            dtype = np.dtype(param_dtype(e.spec, ckpt.cfg))
-            for slab in hf.slabs(e, _budget(ckpt.cfg), dtype.itemsize):
-                hf.fill_slab(e, ckpt.source, slab, dtype)
-        return time.perf_counter() - start
+
+@contextlib.contextmanager
+def page_cache_only():
+    """Leave out the write-back to disk that publishing a directory does (r1jax.convert.atomic)."""
+    import r1jax.convert.atomic as atomic
+
+    saved = atomic.AtomicDir.flush_soon, atomic.fsync_tree, atomic._fsync_path
+    atomic.AtomicDir.flush_soon = lambda *a, **k: None
+    atomic.fsync_tree = atomic._fsync_path = lambda path: None
+    try:
+        yield
+    finally:
+        atomic.AtomicDir.flush_soon, atomic.fsync_tree, atomic._fsync_path = saved
 
 
-def best(fn, repeats: int, reset):
-    times, flushes = [], []
+def best(fn, repeats: int, reset, flush: bool = True) -> float:
+    times = []
     for _ in range(repeats):
         reset()
-        flush = _FlushTimer.install()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-        flushes.append(flush.seconds)
-    i = int(np.argmin(times))
-    return times[i], flushes[i]
-
-
-class _FlushTimer:
-    """Times the os.sync() with which convert.atomic publishes a directory."""
-    seconds = 0.0
-
-    @classmethod
-    def install(cls):
-        import r1jax.convert.atomic as atomic
-
-        timer = cls()
-        real = getattr(os.sync, "__wrapped__", os.sync)
-
-        def sync():
+        with contextlib.nullcontext() if flush else page_cache_only():
             start = time.perf_counter()
-            real()
-            timer.seconds += time.perf_counter() - start
-
-        sync.__wrapped__ = real
-        atomic.os.sync = sync
-        return timer
+            fn()
+            times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def main(argv=None) -> None:
@@ -136,22 +137,34 @@ def main(argv=None) -> None:
         nbytes = write_model(tmp / "hf", cfg, args.dtype)
         n_files = len(list((tmp / "hf").glob("*.safetensors")))
         print(f"model: {cfg.num_hidden_layers} layers, {nbytes / 1e6:.0f} MB of {args.dtype} weights in "
-              f"{n_files} safetensors files; {os.cpu_count()} CPUs")
+              f"{n_files} safetensors files; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f}")
         t_raw = min(raw_read(tmp / "hf") for _ in range(args.repeats))
-        t_relayout = min(relayout(tmp / "hf") for _ in range(args.repeats))
+        copies = [raw_copy(tmp / "hf", tmp / "copy") for _ in range(args.repeats)]
+        t_copy, t_copy_sync = min(c[0] for c in copies), min(sum(c) for c in copies)
+        shutil.rmtree(tmp / "copy")
 
         def rm(*names):
             return lambda: [shutil.rmtree(tmp / n, ignore_errors=True) for n in names]
 
-        t_h2o, f_h2o = best(lambda: hf_to_orbax(tmp / "hf", tmp / "orbax", progress=False), args.repeats, rm("orbax"))
-        t_o2h, f_o2h = best(lambda: orbax_to_hf(tmp / "orbax", tmp / "hf2", progress=False, max_shard_size="500MB"),
-                            args.repeats, rm("hf2"))
+        h2o = lambda: hf_to_orbax(tmp / "hf", tmp / "orbax", progress=False)  # noqa: E731
+        o2h = lambda: orbax_to_hf(tmp / "orbax", tmp / "hf2", progress=False, max_shard_size="500MB")  # noqa: E731
+        o2f = lambda: orbax_to_hf(tmp / "orbax", tmp / "fp8", progress=False, max_shard_size="500MB",  # noqa: E731
+                                  quantize="fp8")
+        f2o = lambda: hf_to_orbax(tmp / "fp8", tmp / "orbax2", progress=False)  # noqa: E731
+        rows = [("raw read", t_raw, None), ("raw copy", t_copy, t_copy_sync)]
+        for name, fn, out in (("hf-to-orbax", h2o, "orbax"), ("orbax-to-hf", o2h, "hf2"),
+                              ("orbax-to-hf --quantize fp8", o2f, "fp8"), ("hf-to-orbax from that fp8", f2o, "orbax2")):
+            cached = best(fn, args.repeats, rm(out), flush=False)
+            durable = best(fn, args.repeats, rm(out))
+            rows.append((name, cached, durable))
         gbs = lambda t: nbytes / t / 1e9  # noqa: E731
-        print(f"raw read of the HF files     {gbs(t_raw):6.2f} GB/s  ({t_raw:.2f} s)")
-        print(f"read + r1jax layout, no write {gbs(t_relayout):5.2f} GB/s  ({t_relayout:.2f} s)")
-        for name, t, f in (("hf-to-orbax", t_h2o, f_h2o), ("orbax-to-hf", t_o2h, f_o2h)):
-            print(f"{name:28s} {gbs(t):6.2f} GB/s  ({t:.2f} s, of which final flush {f:.2f} s)  "
-                  f"= {t_raw / t:.0%} of raw read; without the flush {gbs(t - f):.2f} GB/s = {t_raw / (t - f):.0%}")
+        print(f"{'(warm page cache)':28s} {'page cache only':>26s}  {'written back to disk':>26s}")
+        for name, cached, durable in rows:
+            line = f"{name:28s} {gbs(cached):6.2f} GB/s {cached:5.2f} s {t_raw / cached:5.0%}"
+            if durable is not None:
+                line += f"  {gbs(durable):6.2f} GB/s {durable:5.2f} s {t_raw / durable:5.0%}"
+            print(line)
+        print("percentages: of the raw read speed")
     finally:
         if args.tmp is None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -58,9 +58,15 @@ def write_random_hf(directory, cfg, dtype="float32", max_shard_bytes=5 * 2**30, 
     return sum(p.nbytes for p in plan)
 
 
-# Linear weights DeepSeek quantizes: every projection; the embedding, heads, router and norms stay.
+# Linear weights DeepSeek's release quantizes: the attention and MLP projections. The embedding, lm_head,
+# the MTP module's eh_proj and shared head, the router and the norms stay bf16 (vLLM's deepseek_mtp.py
+# loads eh_proj as a plain nn.Linear).
+RELEASE_FP8 = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+               "down_proj")
+
+
 def quantized(name: str) -> bool:
-    return name.endswith("_proj.weight") or name.endswith("eh_proj.weight")
+    return name.startswith("model.layers.") and name.split(".")[-2] in RELEASE_FP8
 
 
 def write_fp8_release(directory, cfg, block=(128, 128), shards=3, seed=0) -> dict[str, np.ndarray]:
@@ -109,6 +115,24 @@ def _to_numpy(t) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
+
+
+def quantize_reference(w: np.ndarray, block=(128, 128)) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek's weight_quant (inference/kernel.py) written out block by block with numpy and
+    ml_dtypes: s = amax / 448 and q = float8_e4m3fn(w / s), both in float32; an all-zero block gets
+    s = 1. Returns (q, scale_inv)."""
+    w = np.asarray(w, np.float32)
+    grid = [math.ceil(d / b) for d, b in zip(w.shape, block)]
+    q = np.zeros(w.shape, ml_dtypes.float8_e4m3fn)
+    scale = np.zeros(grid, np.float32)
+    for i in range(grid[0]):
+        for j in range(grid[1]):
+            rows, cols = slice(i * block[0], (i + 1) * block[0]), slice(j * block[1], (j + 1) * block[1])
+            amax = np.abs(w[rows, cols]).max()
+            s = amax / np.float32(448) if amax > 0 else np.float32(1)
+            scale[i, j] = s
+            q[rows, cols] = (w[rows, cols] / s).astype(ml_dtypes.float8_e4m3fn)
+    return q, scale
 
 
 def dequantize_reference(q: np.ndarray, scale_inv: np.ndarray, block) -> np.ndarray:

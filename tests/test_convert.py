@@ -5,6 +5,7 @@ named errors and nothing half-written, and the `convert` command line."""
 import argparse
 import filecmp
 import json
+import os
 import sys
 import types
 
@@ -16,7 +17,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 import r1jax
-from convert_fixtures import dequantize_reference, moe_config, random_params, write_fp8_release
+from convert_fixtures import (dequantize_reference, moe_config, quantize_reference, quantized, random_params,
+                              write_fp8_release)
 from r1jax.checkpoint.orbax_io import load_model
 from r1jax.convert import fp8, hf_io
 from r1jax.convert.commands import add_convert_parser, hf_to_orbax, orbax_to_hf, parse_size
@@ -117,6 +119,18 @@ def test_dense_student_directory_round_trips_file_for_file(tmp_path):
     assert cfg.model_type == "qwen2"
     r1jax.save_pretrained(tmp_path / "back", cfg, params)
     assert filecmp.cmp(tmp_path / "hf" / "model.safetensors", tmp_path / "back" / "model.safetensors", shallow=False)
+
+
+def test_converted_checkpoint_restores_sharded_across_devices(hf_dirs, mesh, tmp_path):
+    """Leaves stored in HF order restore into r1jax's layout, each device reading its own block."""
+    src, cfg, params = hf_dirs["bfloat16"]
+    hf_to_orbax(src, tmp_path / "orbax", progress=False)
+    zarr = json.loads((tmp_path / "orbax" / "params" / "moe_layers.attn.o" / "zarr.json").read_text())
+    assert zarr["codecs"][0] == {"name": "transpose", "configuration": {"order": [0, 3, 1, 2]}}  # [L, D, H, V]
+    shardings = _shardings(cfg, mesh)
+    _, restored = load_model(tmp_path / "orbax", shardings=shardings)
+    assert restored["moe_layers"]["attn"]["kv_b"].sharding.spec == P(None, None, "model", None)
+    assert_trees_equal(restored, params)
 
 
 def test_orbax_checkpoints_written_by_save_model_convert_to_hf(hf_dirs, tmp_path):
@@ -220,6 +234,135 @@ def test_fp8_rows_dequantize_across_partial_blocks(tmp_path):
     full = dequantize_reference(q.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn), scale, (128, 128))
     for start, stop in [(0, 300), (0, 128), (100, 260), (127, 129), (256, 300), (5, 6)]:
         np.testing.assert_array_equal(reader.read_rows("w", start, stop), full[start:stop])
+
+
+# --------------------------------------------------------------------------- exporting the FP8 format
+
+
+def test_to_e4m3_rounds_like_ml_dtypes():
+    """Every float32 that is an e4m3 value, a midpoint between two (ties go to even) or one ulp either
+    side of those, plus a sweep of bit patterns, all within ±448."""
+    e4m3 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    grid = np.unique(e4m3[np.isfinite(e4m3)])
+    mids = (grid[:-1] + grid[1:]) / 2
+    points = np.concatenate([grid, mids, np.nextafter(mids, np.inf), np.nextafter(mids, -np.inf)])
+    sweep = np.arange(0, 2**32, 997, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([points, sweep[np.abs(sweep) <= 448], np.float32([0.0, -0.0])])
+    np.testing.assert_array_equal(fp8.to_e4m3(x).view(np.uint8), x.astype(ml_dtypes.float8_e4m3fn).view(np.uint8))
+
+
+def test_quantize_matches_an_independent_blockwise_implementation():
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((300, 200)) * rng.choice([1e-6, 1e-2, 1, 30], (300, 1))).astype(np.float32)
+    w[128:256, 128:] = 0  # an all-zero (partial) block
+    w[5, 7] = -w[5, 7] * 1e4  # one outlier sets its block's scale
+    q, scale = fp8.quantize(w.astype(ml_dtypes.bfloat16), "w")  # the converter hands over bf16 or fp32 rows
+    q_ref, scale_ref = quantize_reference(w.astype(ml_dtypes.bfloat16))
+    assert q.dtype == ml_dtypes.float8_e4m3fn and scale.dtype == np.float32 and scale.shape == (3, 2)
+    np.testing.assert_array_equal(q.view(np.uint8), q_ref.view(np.uint8))
+    np.testing.assert_array_equal(scale, scale_ref)
+    assert scale[1, 1] == 1 and not q[128:256, 128:].astype(np.float32).any()
+    bad = w.copy()
+    bad[200, 3] = np.nan
+    with pytest.raises(CheckpointError, match=r"w: cannot quantize to FP8, rows 128:256 hold inf or nan"):
+        fp8.quantize(bad, "w")
+
+
+@pytest.fixture(scope="module")
+def fp8_export(tmp_path_factory):
+    """A release in 128x128 blocks of a model whose tensors span several (partial) blocks, converted to
+    orbax and exported back as FP8."""
+    cfg = moe_config(hidden=192, moe_ffn=160, ffn=320, layers=2)
+    d = tmp_path_factory.mktemp("fp8x")
+    stored = write_fp8_release(d / "release", cfg, block=(128, 128))
+    hf_to_orbax(d / "release", d / "orbax", progress=False)
+    orbax_to_hf(d / "orbax", d / "fp8", quantize="fp8", max_shard_size="200KB", progress=False)
+    return d, cfg, stored
+
+
+def test_fp8_export_is_the_release_format_and_matches_an_independent_quantizer(fp8_export):
+    d, cfg, stored = fp8_export
+    written = json.loads((d / "fp8" / "config.json").read_text())
+    assert written["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                              "weight_block_size": [128, 128]}
+    assert written["torch_dtype"] == "bfloat16"
+    out, release = SafetensorsReader(d / "fp8"), SafetensorsReader(d / "release")
+    assert out.names == release.names  # the same tensors, scales included, the MTP layer too
+    assert len(json.loads((d / "fp8" / "model.safetensors.index.json").read_text())["weight_map"]) == len(out.names)
+    _, params = load_model(d / "orbax")  # the bf16 values the export starts from
+    for name in sorted(out.names - {n for n in out.names if n.endswith(fp8.SCALE_SUFFIX)}):
+        if not quantized(name):
+            want = "F32" if name.endswith("e_score_correction_bias") else "BF16"
+            assert (out.dtype(name), release.dtype(name)) == (want, want), name
+            continue
+        assert out.dtype(name) == "F8_E4M3" and out.dtype(name + fp8.SCALE_SUFFIX) == "F32", name
+        bf16 = dequantize_reference(release.read(name), release.read(name + fp8.SCALE_SUFFIX), (128, 128))
+        q_ref, scale_ref = quantize_reference(bf16.astype(ml_dtypes.bfloat16))
+        np.testing.assert_array_equal(out.read(name).view(np.uint8), q_ref.view(np.uint8), err_msg=name)
+        np.testing.assert_array_equal(out.read(name + fp8.SCALE_SUFFIX), scale_ref, err_msg=name)
+    assert params["moe_layers"]["attn"]["q_b"].dtype == ml_dtypes.bfloat16
+
+
+def test_fp8_round_trip_stays_within_the_fp8_rounding_bound(fp8_export):
+    """release -> orbax (bf16) -> FP8 -> dequantized, against the release dequantized: bf16 rounding
+    (2^-9 relative), then e4m3 rounding of the re-scaled value (2^-4 relative for normals, half the
+    subnormal step 2^-9 times the block's new scale below)."""
+    d, _, stored = fp8_export
+    out = SafetensorsReader(d / "fp8")
+    checked = 0
+    for name in sorted(n for n in stored if quantized(n) and not n.endswith(fp8.SCALE_SUFFIX)):
+        original = dequantize_reference(stored[name], stored[name + fp8.SCALE_SUFFIX], (128, 128)).astype(np.float64)
+        scale = out.read(name + fp8.SCALE_SUFFIX)
+        back = dequantize_reference(out.read(name), scale, (128, 128)).astype(np.float64)
+        rows, cols = np.indices(back.shape)
+        bound = (2**-4 + 2**-9) * 1.001 * np.abs(original) + 2**-10 * scale[rows // 128, cols // 128]
+        assert (np.abs(back - original) <= bound).all(), name
+        assert (back != original).any(), name  # the bound is exercised, not trivially met
+        checked += 1
+    assert checked > 10
+
+
+def test_exported_fp8_reads_back_with_the_fp8_reader(fp8_export, tmp_path):
+    d, cfg, _ = fp8_export
+    reader = fp8.DequantizingReader(SafetensorsReader(d / "fp8"), (128, 128), "export")
+    assert reader.scale_of and all(quantized(n) for n in reader.scale_of)
+    cfg2, params = r1jax.load_pretrained(d / "fp8")
+    assert cfg2.param_dtype == "bfloat16" and cfg2.num_nextn_predict_layers == 1
+    _, original = load_model(d / "orbax")
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(original)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        np.testing.assert_allclose(a, b, rtol=2**-4 + 2**-8, atol=1e-3 * np.abs(b).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+    hf_to_orbax(d / "fp8", tmp_path / "again", progress=False)  # and the converter reads it as a release
+    assert_trees_equal(load_model(tmp_path / "again")[1], params)
+
+
+def test_fp8_export_refuses_what_it_cannot_write(fp8_export, tmp_path):
+    d, _, _ = fp8_export
+    with pytest.raises(ConfigError, match="quantize: expected one of fp8, got 'int4'"):
+        orbax_to_hf(d / "orbax", tmp_path / "x", quantize="int4", progress=False)
+    assert no_leftovers(tmp_path, "x")
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).to(torch.bfloat16).save_pretrained(
+        tmp_path / "qwen")
+    hf_to_orbax(tmp_path / "qwen", tmp_path / "qwen_orbax", progress=False)
+    with pytest.raises(ConfigError, match="quantize: fp8 writes DeepSeek's FP8 release format; a qwen2 model"):
+        orbax_to_hf(tmp_path / "qwen_orbax", tmp_path / "y", quantize="fp8", progress=False)
+    assert no_leftovers(tmp_path, "y")
+
+
+def test_fp8_export_of_non_finite_weights_is_named_and_leaves_nothing(hf_dirs, tmp_path):
+    src, cfg, params = hf_dirs["float32"]
+    bad = jax.tree.map(np.array, params)
+    bad["moe_layers"]["mlp"]["experts"]["up"][1, 3, 5, 7] = np.inf
+    r1jax.save_pretrained(tmp_path / "orbax", cfg, bad, format="orbax")
+    name = "model.layers.2.mlp.experts.3.up_proj.weight"
+    with pytest.raises(CheckpointError, match=rf"{name}: cannot quantize to FP8, rows 0:32 hold inf or nan"):
+        orbax_to_hf(tmp_path / "orbax", tmp_path / "hf", quantize="fp8", progress=False)
+    assert no_leftovers(tmp_path, "hf")
 
 
 # --------------------------------------------------------------------------- sharded loads
@@ -405,31 +548,48 @@ def test_existing_destinations_are_never_touched(hf_dirs, tmp_path):
 
 
 def test_a_failure_midway_leaves_nothing(hf_dirs, tmp_path, monkeypatch):
+    from r1jax.convert.safetensors_io import ShardedWriter
+
     src, _, _ = hf_dirs["float32"]
     hf_to_orbax(src, tmp_path / "orbax", progress=False)
     calls = []
-    real = SafetensorsReader.read_rows
+    real = SafetensorsReader._pread_into
 
-    def failing(self, name, a, b):
-        calls.append(name)
+    def failing(self, info, buf, offset):
+        calls.append(info.name)
         if len(calls) == 40:
-            raise CheckpointError(f"{name}: simulated read error")
-        return real(self, name, a, b)
+            raise CheckpointError(f"{info.name}: simulated read error")
+        return real(self, info, buf, offset)
 
-    monkeypatch.setattr(SafetensorsReader, "read_rows", failing)
+    monkeypatch.setattr(SafetensorsReader, "_pread_into", failing)
     with pytest.raises(CheckpointError, match="simulated read error"):
         hf_to_orbax(src, tmp_path / "out", progress=False)
     assert no_leftovers(tmp_path, "out")
     monkeypatch.undo()
-    import r1jax.convert.hf as hf_layout
+    writes = []
+    real_write = ShardedWriter.write
 
-    def disk_full(*args):
-        raise OSError("disk full")
+    def disk_full(self, *args):
+        writes.append(args[0])
+        if len(writes) == 30:
+            raise OSError("disk full")
+        return real_write(self, *args)
 
-    monkeypatch.setattr(hf_layout, "hf_blocks", disk_full)
+    monkeypatch.setattr(ShardedWriter, "write", disk_full)
     with pytest.raises(OSError, match="disk full"):
         orbax_to_hf(tmp_path / "orbax", tmp_path / "hf", progress=False)
     assert no_leftovers(tmp_path, "hf")
+    monkeypatch.undo()
+
+    def io_error(fd):  # the disk fails while the result is being written back
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", io_error)
+    with pytest.raises(OSError, match="Input/output error"):
+        hf_to_orbax(src, tmp_path / "out", progress=False)
+    with pytest.raises(OSError, match="Input/output error"):
+        orbax_to_hf(tmp_path / "orbax", tmp_path / "hf", progress=False)
+    assert no_leftovers(tmp_path, "out") and no_leftovers(tmp_path, "hf")
 
 
 def test_orbax_checkpoint_that_does_not_fit_its_config_is_named(hf_dirs, tmp_path):
@@ -487,6 +647,12 @@ def test_convert_command_line(hf_dirs, tmp_path, capsys):
     assert load_model(tmp_path / "o")[0].param_dtype == "float32"
     with pytest.raises(SystemExit):
         run("hf-to-orbax", src, tmp_path / "x", "--dtype", "int8")
+    assert run("orbax-to-hf", tmp_path / "o", tmp_path / "f", "--quantize", "fp8") == 0
+    written = json.loads((tmp_path / "f" / "config.json").read_text())
+    assert written["quantization_config"]["weight_block_size"] == [128, 128] and written["torch_dtype"] == "bfloat16"
+    assert SafetensorsReader(tmp_path / "f").dtype("model.layers.0.mlp.down_proj.weight") == "F8_E4M3"
+    with pytest.raises(SystemExit):
+        run("orbax-to-hf", tmp_path / "o", tmp_path / "g", "--quantize", "int4")
 
 
 def test_parse_size():

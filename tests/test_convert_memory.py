@@ -1,6 +1,6 @@
-"""Conversion streams: converting a ~480 MB model of ~1,700 tensors both ways never holds more than
-3x its largest tensor (16.8 MB) above the converting process's baseline, measured as peak RSS
-(VmHWM) in a subprocess."""
+"""Conversion streams: converting a ~480 MB model of ~1,700 tensors both ways, and to DeepSeek's FP8
+format and back, never holds more than 3x its largest tensor (16.8 MB) above the converting process's
+baseline, measured as peak RSS (VmHWM) in a subprocess."""
 
 import json
 import subprocess
@@ -44,6 +44,9 @@ SCRIPT = textwrap.dedent("""
     out["hf_to_orbax"] = measured(lambda: hf_to_orbax(src, work / "orbax", progress=False))
     out["orbax_to_hf"] = measured(lambda: orbax_to_hf(work / "orbax", work / "hf", max_shard_size="100MB",
                                                       progress=False))
+    out["orbax_to_fp8"] = measured(lambda: orbax_to_hf(work / "orbax", work / "fp8", max_shard_size="100MB",
+                                                       quantize="fp8", progress=False))
+    out["fp8_to_orbax"] = measured(lambda: hf_to_orbax(work / "fp8", work / "orbax2", progress=False))
     print(json.dumps(out))
 """)
 
@@ -60,7 +63,7 @@ def test_peak_memory_is_a_small_multiple_of_the_largest_tensor(tmp_path):
     run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    for direction in ("hf_to_orbax", "orbax_to_hf"):
+    for direction in ("hf_to_orbax", "orbax_to_hf", "orbax_to_fp8", "fp8_to_orbax"):
         grown = result[direction]["peak"] - result[direction]["baseline"]
         base = result[direction]["baseline"]
         print(f"{direction}: peak {grown / 1e6:.1f} MB above a baseline of {base / 1e6:.0f} MB "

@@ -2,12 +2,16 @@
 
 Every r1jax leaf is one HF tensor, or one per layer / (layer, expert) when stacked on leading
 `layers` / `expert` dims. Linear maps are stored `[out, in]` by HF and input-first (split into heads)
-by r1jax; `hf_view` gives the HF-shaped view of an r1jax slice, so both directions are a copy through
-that view, a block of HF rows at a time. Everything else is copied as is.
+by r1jax. Two ways across:
+- in memory (load_pretrained, save_pretrained): `hf_view` gives the HF-shaped view of an r1jax slice
+  and a block of HF rows at a time is copied through it (a transpose for linear maps);
+- streamed (`r1jax convert`): a slab of stacked HF tensors is kept in HF layout end to end and only
+  *viewed* in r1jax layout (`params_view`); the orbax checkpoint stores each leaf in `hf_order`, so
+  its chunks hold the HF tensors' bytes and no transpose is ever computed on the way through.
 
 A *source* is anything with `names`, `shape(name)`, `value_dtype(name)` and
-`read_rows(name, start, stop)`: `safetensors_io.SafetensorsReader`, or `fp8.DequantizingReader`
-over DeepSeek's FP8 release.
+`read_rows(name, start, stop)` (optionally `read_into(name, out)`): `safetensors_io.SafetensorsReader`,
+or `fp8.DequantizingReader` over DeepSeek's FP8 release.
 """
 
 from __future__ import annotations
@@ -22,12 +26,12 @@ import jax
 import numpy as np
 
 from r1jax.config import ModelConfig
-from r1jax.convert.safetensors_io import TensorPlan, dtype_name
+from r1jax.convert import fp8
+from r1jax.convert.safetensors_io import BLOCK_BYTES, TensorPlan, dtype_name
 from r1jax.errors import CheckpointError
 from r1jax.model.params import ParamSpec, is_spec, param_dtype, param_table, stack_layout
 
 STACK_AXES = ("layers", "expert")
-BLOCK_BYTES = 2 << 20  # rows copied per step: as fast as larger blocks, small beside the tensors that matter
 VALUE_DTYPES = ("F64", "F32", "BF16", "F16")  # what a source may hand over as weight values
 CHECKPOINT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
@@ -76,6 +80,23 @@ def hf_view(spec: ParamSpec, inner: np.ndarray) -> np.ndarray:
     if spec.fan_in:
         return inner.reshape(math.prod(inner.shape[: spec.fan_in]), -1).T
     return inner
+
+
+def hf_order(spec: ParamSpec) -> tuple[int, ...]:
+    """The order of a leaf's dims that lays each stacked slice out as its HF tensor: stacked dims,
+    then the `out` dims, then the `in` dims (the identity but for linear maps)."""
+    lead, n, f = lead_dims(spec), len(spec.shape), spec.fan_in
+    if not f:
+        return tuple(range(n))
+    return tuple(range(lead)) + tuple(range(lead + f, n)) + tuple(range(lead, lead + f))
+
+
+def params_view(entry: Entry, hf_values: np.ndarray) -> np.ndarray:
+    """The r1jax-layout view (no copy) of stacked HF tensors `hf_values [stacked..., HF shape]`."""
+    order = hf_order(entry.spec)
+    lead = hf_values.ndim - len(hf_shape(entry.spec))
+    permuted = hf_values.shape[:lead] + tuple(entry.spec.shape[i] for i in order[entry.lead:])
+    return hf_values.reshape(permuted).transpose(np.argsort(order))
 
 
 def entries(cfg: ModelConfig) -> list[Entry]:
@@ -203,6 +224,33 @@ def fill_slab(entry: Entry, source, slab: Slab, dtype) -> np.ndarray:
     return out
 
 
+def read_into(source, name: str, out: np.ndarray) -> None:
+    """out[...] = HF tensor `name`, cast to out's dtype (straight into `out` where the source can)."""
+    if hasattr(source, "read_into"):
+        source.read_into(name, out)
+    elif out.ndim == 0:
+        out[...] = source.read_rows(name, 0, 0)
+    else:
+        step = max(1, BLOCK_BYTES // max(1, out[0].size * 4))
+        for r in range(0, len(out), step):
+            out[r:r + step] = source.read_rows(name, r, min(len(out), r + step))
+
+
+def each(pool, fn: Callable, items: list) -> list:
+    """[fn(item) for item in items], in `pool`'s threads when one is given (numpy, file reads and
+    writes release the GIL, so the tensors of a slab convert on as many cores as the pool has)."""
+    return list(pool.map(fn, items)) if pool is not None else [fn(item) for item in items]
+
+
+def read_hf_slab(entry: Entry, source, slab: Slab, dtype, pool=None) -> np.ndarray:
+    """The HF tensors inside `slab`, each read into its place in HF layout: `[slab dims..., HF shape]`
+    in `dtype` (`params_view` gives the r1jax view of it)."""
+    out = np.empty(tuple(s.stop - s.start for s in slab) + hf_shape(entry.spec), dtype)
+    names = dict(entry.names)
+    each(pool, lambda job: read_into(source, *job), [(names[pos], out[rel]) for pos, rel in slab_positions(slab)])
+    return out
+
+
 def chunk_lead(entry: Entry, itemsize: int, min_bytes: int) -> tuple[int, ...]:
     """Stacked dims of one storage chunk: whole HF tensors, as few as make `min_bytes` (one file per
     chunk costs about a millisecond, so kilobyte tensors are stored a few hundred to a chunk)."""
@@ -298,18 +346,45 @@ def read_leaf_block(entry: Entry, source, index: tuple[slice, ...], dtype) -> np
 # --------------------------------------------------------------------------- r1jax -> HF
 
 
-def hf_blocks(spec: ParamSpec, inner: np.ndarray, dtype) -> Iterator[tuple[int, np.ndarray]]:
-    """(first row, contiguous block of HF rows in `dtype`) covering one r1jax slice."""
-    view = hf_view(spec, inner)
+def _row_blocks(view: np.ndarray, dtype, transposed: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, contiguous block of rows in `dtype`) covering an HF-shaped view in any layout."""
     if view.ndim == 0:
         yield 0, np.asarray(view, dtype)
         return
-    step = _rows_per_block(spec, view[0].size * max(4, view.dtype.itemsize))
+    step = TILE if transposed else max(1, BLOCK_BYTES // max(1, view[0].size * max(4, view.dtype.itemsize)))
     for r in range(0, view.shape[0], step):
         rows = view[r:r + step]
         block = np.empty(rows.shape, dtype)
-        _copy(block, rows, bool(spec.fan_in))
+        _copy(block, rows, transposed)
         yield r, block
+
+
+def _write_fp8(writer, name: str, view: np.ndarray) -> int:
+    """Quantize one HF weight a few whole 128-row blocks at a time and write it with its scales."""
+    b0 = fp8.BLOCK[0]
+    step = b0 * max(1, BLOCK_BYTES // max(1, b0 * view.shape[1] * 4))
+    written = 0
+    for r in range(0, view.shape[0], step):
+        q, scale_inv = fp8.quantize(view[r:r + step], name)
+        writer.write(name, q, r)
+        writer.write(name + fp8.SCALE_SUFFIX, scale_inv, r // b0)
+        written += q.nbytes + scale_inv.nbytes
+    return written
+
+
+def write_tensor(writer, name: str, view: np.ndarray, dtype, quantize: str | None = None) -> int:
+    """Write one HF tensor given as an HF-shaped view (C-contiguous: one write, no copy unless the
+    dtype changes; a transposed view: a tile-by-tile copy); returns the bytes written."""
+    if quantize == "fp8" and fp8.quantized(name):
+        return _write_fp8(writer, name, view)
+    if view.dtype == dtype and view.flags.c_contiguous:
+        writer.write(name, view, 0)
+        return view.nbytes
+    written = 0
+    for r, block in _row_blocks(view, dtype, not view.flags.c_contiguous):
+        writer.write(name, block, r)
+        written += block.nbytes
+    return written
 
 
 def output_dtype(spec: ParamSpec, cfg: ModelConfig, dtype=None) -> np.dtype:
@@ -327,29 +402,45 @@ def _hf_order(name: str):
     return (0 if "embed_tokens" in name else 2, 0, name)
 
 
-def tensor_plan(cfg: ModelConfig, dtype=None) -> list[TensorPlan]:
-    """Every HF tensor r1jax writes for `cfg` (with the MTP embedding copies), in HF's file order."""
+def _plans(name: str, shape: tuple[int, ...], st: str, quantize: str | None) -> list[TensorPlan]:
+    if quantize == "fp8" and fp8.quantized(name):
+        grid = tuple(-(-d // b) for d, b in zip(shape, fp8.BLOCK))
+        return [TensorPlan(name, shape, "F8_E4M3"), TensorPlan(name + fp8.SCALE_SUFFIX, grid, "F32")]
+    return [TensorPlan(name, shape, st)]
+
+
+def tensor_plan(cfg: ModelConfig, dtype=None, quantize: str | None = None) -> list[TensorPlan]:
+    """Every HF tensor r1jax writes for `cfg` (with the MTP embedding copies, and with quantize='fp8'
+    the release's float8 projections and their scales), in HF's file order."""
     plans = []
     for e in entries(cfg):
         st = dtype_name(output_dtype(e.spec, cfg, dtype))
-        plans += [TensorPlan(name, hf_shape(e.spec), st) for _, name in e.names]
-        if e.keys == ("embed",):
-            plans += [TensorPlan(name, hf_shape(e.spec), st) for name in mtp_embed_names(cfg)]
+        names = [name for _, name in e.names] + (mtp_embed_names(cfg) if e.keys == ("embed",) else [])
+        plans += [p for name in names for p in _plans(name, hf_shape(e.spec), st, quantize)]
     return sorted(plans, key=lambda p: _hf_order(p.name))
 
 
-def write_leaf(writer, entry: Entry, cfg: ModelConfig, slab: Slab, values: np.ndarray, dtype=None) -> int:
-    """Write the HF tensors of one slab of a leaf (`values` is that slab); returns bytes written."""
+def _write_slab(writer, entry: Entry, cfg: ModelConfig, slab: Slab, tensor, dtype, quantize, pool=None) -> int:
     out = output_dtype(entry.spec, cfg, dtype)
     names = dict(entry.names)
     extra = mtp_embed_names(cfg) if entry.keys == ("embed",) else []
-    written = 0
-    for pos, rel in slab_positions(slab):
-        for name in [names[pos]] + extra:
-            for r, block in hf_blocks(entry.spec, values[rel], out):
-                writer.write(name, block, r)
-                written += block.nbytes
-    return written
+    jobs = [(name, tensor(rel)) for pos, rel in slab_positions(slab) for name in [names[pos]] + extra]
+    return sum(each(pool, lambda job: write_tensor(writer, *job, out, quantize), jobs))
+
+
+def write_leaf(writer, entry: Entry, cfg: ModelConfig, slab: Slab, values: np.ndarray, dtype=None,
+               quantize: str | None = None) -> int:
+    """Write the HF tensors of one slab of a leaf (`values`: that slab in r1jax layout); returns bytes
+    written."""
+    return _write_slab(writer, entry, cfg, slab, lambda rel: hf_view(entry.spec, values[rel]), dtype, quantize)
+
+
+def write_hf_slab(writer, entry: Entry, cfg: ModelConfig, slab: Slab, hf_values: np.ndarray, dtype=None,
+                  quantize: str | None = None, pool=None) -> int:
+    """write_leaf for a slab already in HF layout (`[slab dims..., HF shape]`, as read_hf_slab makes
+    and the orbax reader returns): each tensor is one contiguous write, in `pool`'s threads."""
+    shape = hf_shape(entry.spec)
+    return _write_slab(writer, entry, cfg, slab, lambda rel: hf_values[rel].reshape(shape), dtype, quantize, pool)
 
 
 # --------------------------------------------------------------------------- whole trees in memory

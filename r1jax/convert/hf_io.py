@@ -150,11 +150,15 @@ def generation_config(hf_cfg: dict) -> dict:
     return out
 
 
-def write_config_files(dst: Path, cfg: ModelConfig | DenseConfig, dtype_name: str, assets_from=None) -> None:
-    """config.json (with the weights' dtype), the assets of `assets_from`, and a generation_config.json
-    derived from the config when none came with them."""
+def write_config_files(dst: Path, cfg: ModelConfig | DenseConfig, dtype_name: str, assets_from=None,
+                       quantization_config: dict | None = None) -> None:
+    """config.json (with the weights' dtype, and `quantization_config` for an FP8 directory), the
+    assets of `assets_from`, and a generation_config.json derived from the config when none came with
+    them."""
     hf_cfg = cfg.to_hf_config()
     hf_cfg["dtype" if "dtype" in hf_cfg else "torch_dtype"] = dtype_name
+    if quantization_config is not None:
+        hf_cfg["quantization_config"] = quantization_config
     (dst / CONFIG).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     if assets_from is not None:
         copy_assets(assets_from, dst)

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import struct
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from r1jax.errors import CheckpointError
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+# Rows converted per step where a dtype changes: small enough that temporaries stay below the 1 MB mmap
+# threshold convert.commands sets (reused heap memory, not fresh zeroed pages) and in cache.
+BLOCK_BYTES = 512 << 10
 
 DTYPES = {
     "BOOL": np.dtype(np.bool_), "U8": np.dtype(np.uint8), "I8": np.dtype(np.int8),
@@ -161,6 +165,7 @@ class SafetensorsReader:
         else:
             self._from_files()
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
 
     def _from_index(self, index: Path):
         weight_map = _weight_map(index)
@@ -206,9 +211,10 @@ class SafetensorsReader:
         return self.info(name).dtype
 
     def _fd(self, file: Path) -> int:
-        if file not in self._fds:
-            self._fds[file] = os.open(file, os.O_RDONLY)
-        return self._fds[file]
+        with self._lock:  # tensors are read from several threads
+            if file not in self._fds:
+                self._fds[file] = os.open(file, os.O_RDONLY)
+            return self._fds[file]
 
     def _pread_into(self, info: TensorInfo, buf: np.ndarray, offset: int) -> None:
         view, done = memoryview(buf.reshape(-1).view(np.uint8)), 0
@@ -233,6 +239,24 @@ class SafetensorsReader:
         if out.size:
             self._pread_into(info, out, info.offset + start * info.row_bytes)
         return out
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """out[...] = the whole tensor, cast to out's dtype: read straight into `out` when the dtypes
+        match and `out` is C-contiguous, else a block of rows at a time."""
+        info = self.info(name)
+        if tuple(out.shape) != info.shape:
+            raise CheckpointError(f"{info.file}: tensor {name!r} is {list(info.shape)}, cannot read it into "
+                                  f"{list(out.shape)}")
+        if out.dtype == info.np_dtype and out.flags.c_contiguous:
+            if out.size:
+                self._pread_into(info, out, info.offset)
+            return
+        if not info.shape:
+            out[...] = self.read_rows(name, 0, 0)
+            return
+        step = max(1, BLOCK_BYTES // max(1, info.row_bytes))
+        for r in range(0, info.shape[0], step):
+            out[r:r + step] = self.read_rows(name, r, min(info.shape[0], r + step))
 
     def read(self, name: str) -> np.ndarray:
         info = self.info(name)
@@ -318,7 +342,8 @@ class ShardedWriter:
         self.weight_map = {t.name: f for f, shard in zip(self.files, shards) for t in shard}
 
     def write(self, name: str, rows: np.ndarray, start_row: int = 0) -> None:
-        """Write `rows` as rows [start_row, start_row + len(rows)) of tensor `name`."""
+        """Write `rows` as rows [start_row, start_row + len(rows)) of tensor `name`. Different tensors
+        may be written from different threads at once."""
         fd, offset, plan = self.where[name]
         rows = np.asarray(rows)
         rows = rows if rows.flags.c_contiguous else rows.copy()
@@ -333,6 +358,11 @@ class ShardedWriter:
         while done < len(data):
             done += os.pwrite(fd, data[done:], pos + done)
         self.todo[name] -= len(data)
+
+    @property
+    def fds(self) -> list[int]:
+        """The open shard files (to start writing them back while the rest is converted)."""
+        return list(self._fds)
 
     def close(self) -> list[str]:
         """Close the files; raise if any tensor was not completely written. Returns the file names."""
