@@ -561,6 +561,10 @@ class TaskConfig:
     seed: int = 0
     num_train: int = 20000  # rows of the `task:train` source
     num_eval: int = 200  # rows of the `task:eval` source (distinct problems)
+    # Share of train problems whose gold completion tags a wrong answer (the worked result off by 1..3),
+    # like hastily written cold-start data: SFT imitates the slips, and RL, rewarded only for correct
+    # answers, has to learn to report what the reasoning derived. Held-out problems are never noisy.
+    answer_noise: float = 0.0
 
     def __post_init__(self):
         def need(ok, key, msg):
@@ -578,6 +582,7 @@ class TaskConfig:
         need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
         need(self.num_train >= 1, "num_train", f"must be >= 1, got {self.num_train}")
         need(self.num_eval >= 1, "num_eval", f"must be >= 1, got {self.num_eval}")
+        need(0.0 <= self.answer_noise < 1.0, "answer_noise", f"must be in [0, 1), got {self.answer_noise}")
 
 
 @dataclasses.dataclass(frozen=True)

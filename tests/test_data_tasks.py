@@ -94,3 +94,18 @@ def test_config_errors_name_the_key():
     tiny = TaskConfig(min_operands=2, max_operands=2, max_operand=9, ops="+")  # 100 expressions
     with pytest.raises(ConfigError, match="num_eval: only"):
         tasks.problems(tiny, "eval", 20)
+
+
+def test_answer_noise_mislabels_only_that_share_of_train_gold_answers():
+    noisy_cfg = dataclasses.replace(CFG, answer_noise=0.3)
+    clean = [tasks.generate(CFG, "train", i) for i in range(2000)]
+    noisy = [tasks.generate(noisy_cfg, "train", i) for i in range(2000)]
+    assert [p.steps for p in clean] == [p.steps for p in noisy]  # same problems, only the labels change
+    wrong = [p for p in noisy if not verify(p, p.gold_completion())]
+    assert abs(len(wrong) / 2000 - 0.3) < 0.03  # binomial sd ≈ 0.01
+    for p in wrong:  # the reasoning is still right; only the tagged answer is off, by 1 to 3
+        assert p.gold_completion().split("</think>")[0].rstrip().endswith("=" + p.answer)
+        assert 1 <= abs(int(extract_answer(p.gold_completion())) - int(p.answer)) <= 3
+    assert all(verify(p, p.gold_completion()) for p in tasks.problems(noisy_cfg, "eval", 50))
+    with pytest.raises(ConfigError, match=r"^task\.answer_noise:"):
+        from_dict(TaskConfig, {"answer_noise": 1.0}, "task")

@@ -2,7 +2,14 @@
 exports a model transformers loads with the same logits, and a rerun skips finished stages."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -111,3 +118,52 @@ def test_small_recipe_runs_exports_and_skips_finished_stages(tmp_path):
 
     again = pl.run_pipeline(tiny_pipeline(tmp_path))
     assert [r["seconds"] for r in again] == [r["seconds"] for r in records]
+
+
+def _pipeline_yaml(tmp_path, name):
+    import yaml
+
+    d = config.to_dict(tiny_pipeline(tmp_path / name, sft_steps=4, rl_steps=4))
+    d["stages"][0]["config"]["model"] = str(Path("configs/model/tiny_v3.yaml").absolute())
+    d["stages"][1]["config"]["checkpoint"]["save_interval_steps"] = 1
+    d["stages"][1]["config"]["log_every"] = 1
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _run_pipeline_cli(path):
+    cmd = [sys.executable, "-m", "r1jax.cli", "pipeline", str(path)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+
+
+@pytest.mark.slow
+def test_kill_9_in_a_stage_then_rerun_resumes_and_equals_uninterrupted(tmp_path):
+    from r1jax.checkpoint.orbax_io import load_model
+    from r1jax.train.metrics import read_metrics
+
+    ref = _run_pipeline_cli(_pipeline_yaml(tmp_path, "ref"))
+    assert ref.wait() == 0, ref.stdout.read()
+    run = tmp_path / "killed"
+    p = _run_pipeline_cli(_pipeline_yaml(tmp_path, "killed"))
+    t0 = time.time()
+    while not ((run / "rl" / "metrics.jsonl").exists() and read_metrics(run / "rl")[-1]["step"] >= 2):
+        assert p.poll() is None, p.stdout.read()
+        assert time.time() - t0 < 600, "timed out"
+        time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    cold_done = (run / "cold" / "DONE.json").read_text()
+    assert not (run / "rl" / "DONE.json").exists()
+    resumed = _run_pipeline_cli(run.with_suffix(".yaml"))
+    out = resumed.communicate()[0]
+    assert resumed.returncode == 0, out
+    assert "stage 1/3" not in out and "stage 2/3: rl" in out  # the finished stage is not run again
+    assert (run / "cold" / "DONE.json").read_text() == cold_done
+    assert [r["step"] for r in read_metrics(run / "rl")] == [1, 2, 3, 4]
+    a, b = read_metrics(tmp_path / "ref" / "rl"), read_metrics(run / "rl")
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # resumed from its checkpoint, same stream
+    jax.tree.map(np.testing.assert_array_equal, load_model(tmp_path / "ref" / "rl" / "checkpoints")[1],
+                 load_model(run / "rl" / "checkpoints")[1])
+    assert (run / "rs" / "data.jsonl").read_text() == (tmp_path / "ref" / "rs" / "data.jsonl").read_text()

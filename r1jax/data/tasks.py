@@ -41,6 +41,8 @@ class Problem:
 
     id: str
     steps: tuple[str, ...]
+    # The answer the gold completion tags, when it is a (deliberately) wrong one (TaskConfig.answer_noise).
+    noisy_answer: str | None = None
 
     @property
     def expression(self) -> str:
@@ -61,7 +63,8 @@ class Problem:
     def gold_completion(self) -> str:
         """The assistant turn in R1 format: reasoning inside <think>, then the tagged answer."""
         chain = "\n=".join(self.steps)
-        return f"{THINK_OPEN}\n{chain}\n{THINK_CLOSE}\n\n{ANSWER_OPEN}{self.answer}{ANSWER_CLOSE}"
+        tagged = self.answer if self.noisy_answer is None else self.noisy_answer
+        return f"{THINK_OPEN}\n{chain}\n{THINK_CLOSE}\n\n{ANSWER_OPEN}{tagged}{ANSWER_CLOSE}"
 
     def sft_messages(self) -> list[dict]:
         return self.messages() + [{"role": "assistant", "content": self.gold_completion()}]
@@ -104,6 +107,15 @@ def reduce_steps(tokens: list) -> tuple[str, ...]:
     return tuple(steps)
 
 
+def _noisy_answer(cfg: TaskConfig, index: int, answer: str) -> str | None:
+    """A wrong answer (off by 1..3) for a share `answer_noise` of train problems, else None. Drawn
+    from its own stream, so the problems themselves do not depend on the noise level."""
+    rng = np.random.default_rng([cfg.seed, 2, index])
+    if rng.random() >= cfg.answer_noise:
+        return None
+    return str(int(answer) + int(rng.choice([-3, -2, -1, 1, 2, 3])))
+
+
 def generate(cfg: TaskConfig, split: str, index: int) -> Problem:
     """Problem `index` of `split` (train: drawn with replacement; see `problems` for distinct ones)."""
     if split not in SPLITS:
@@ -115,7 +127,9 @@ def generate(cfg: TaskConfig, split: str, index: int) -> Problem:
     for _ in range(attempts):
         tokens = _draw(cfg, rng)
         if split_of(_text(tokens), cfg.heldout_fraction) == split:
-            return Problem(id=f"arith/{split}/{index}", steps=reduce_steps(tokens))
+            steps = reduce_steps(tokens)
+            return Problem(id=f"arith/{split}/{index}", steps=steps,
+                           noisy_answer=_noisy_answer(cfg, index, steps[-1]) if split == "train" else None)
     raise ConfigError(f"task: no {split} expression found in {attempts} draws; "
                       "raise max_operand/max_operands or heldout_fraction")
 
