@@ -54,6 +54,22 @@ def _load_hf(path, dtype, mesh):
     return hf_io.load_hf(path, dtype, _param_shardings(mesh))
 
 
+def read_config(path, key: str = "model"):
+    """The architecture of a HF directory or an r1jax checkpoint, read without touching the weights
+    (to check a mesh or a vocabulary before loading anything). `key` names the setting in errors."""
+    from r1jax.checkpoint import orbax_io
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{key}: {path} does not exist")
+    if (path / "config.json").exists():
+        with hf_io.open_hf(path) as ckpt:  # config.json and the safetensors headers only
+            return ckpt.cfg
+    if orbax_io.is_model_checkpoint(path):
+        return orbax_io.read_model_config(path)
+    raise ConfigError(f"{key}: {path} is neither a Hugging Face directory (config.json) nor an r1jax checkpoint")
+
+
 def load_pretrained(path, *, dtype=None, mesh=None):
     """(ModelConfig, params) from a HF directory (config.json + safetensors) or an r1jax checkpoint."""
     path = Path(path)

@@ -955,6 +955,9 @@ class EvalConfig:
     max_prompts: Optional[int] = None
     seed: int = 0
     out_dir: str = "runs/eval"
+    # Device mesh for sampling (weights loaded straight into their shards; rows split over data×fsdp×
+    # expert, padded). Multi-host: every process runs the same command; process 0 writes the results.
+    mesh: "MeshConfig" = dataclasses.field(default_factory=lambda: MeshConfig())
 
     def __post_init__(self):
         def need(ok, key, msg):

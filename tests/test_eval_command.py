@@ -14,17 +14,41 @@ from r1jax.errors import ConfigError
 from r1jax.model.params import init_params
 
 
+ARGS = ["max_new_tokens=8", "prompts.task.num_eval=7", "num_samples=2", "ks=[1,2]", "maj_ks=[2]",
+        "temperature=1.0"]
+
+
 def test_eval_command_writes_the_table(tmp_path, capsys):
     cfg = tiny_config()
     r1jax.save_pretrained(tmp_path / "m", cfg, init_params(cfg, jax.random.key(0)))
     rc = main(["eval", "configs/eval/task_pass_at_k.yaml", f"model={tmp_path / 'm'}", f"out_dir={tmp_path / 'e'}",
-               "max_new_tokens=8", "prompts.task.num_eval=8", "num_samples=2", "ks=[1,2]", "maj_ks=[2]"])
+               *ARGS])
     assert rc == 0
     row = json.loads((tmp_path / "e" / "results.jsonl").read_text())
-    assert row["num_problems"] == 8 and row["samples"] == 2
+    assert row["num_problems"] == 7 and row["samples"] == 2
     assert 0 <= row["pass@1"] <= row["pass@2"] <= 1 and "maj@2" in row
-    assert len((tmp_path / "e" / "records.jsonl").read_text().splitlines()) == 8
+    assert len((tmp_path / "e" / "records.jsonl").read_text().splitlines()) == 7
     assert "pass@2" in capsys.readouterr().out
+    # Default mesh: every device on `data`. On (data=2, expert=4) of the 8 simulated devices: 14 rows
+    # padded to 16, weights loaded into their shards, the same samples (a row's random stream does not
+    # depend on the mesh).
+    if len(jax.devices()) >= 8:
+        rc = main(["eval", "configs/eval/task_pass_at_k.yaml", f"model={tmp_path / 'm'}", f"out_dir={tmp_path / 'e8'}",
+                   *ARGS, "mesh.data=2", "mesh.expert=4"])
+        assert rc == 0
+        records = lambda d: [json.loads(l)["completions"] for l in (tmp_path / d / "records.jsonl").read_text().splitlines()]  # noqa: E731
+        assert records("e8") == records("e")
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
+def test_eval_mesh_the_model_cannot_split_is_named_before_loading(tmp_path, capsys, monkeypatch):
+    cfg = tiny_config()  # 4 attention heads
+    r1jax.save_pretrained(tmp_path / "m", cfg, init_params(cfg, jax.random.key(0)))
+    monkeypatch.setattr(r1jax, "load_pretrained", lambda *a, **k: pytest.fail("weights loaded"))
+    rc = main(["eval", "configs/eval/task_pass_at_k.yaml", f"model={tmp_path / 'm'}", f"out_dir={tmp_path / 'e'}",
+               *ARGS, "mesh.data=1", "mesh.tensor=8"])
+    assert rc == 2 and "mesh.tensor: num_attention_heads=4" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.parametrize("override,match", [

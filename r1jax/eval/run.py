@@ -63,12 +63,21 @@ def run_eval(cfg) -> dict:
     from r1jax.data.tokenizer import load_tokenizer
     from r1jax.eval.metrics import format_table, results_table, write_jsonl
 
-    model_cfg, params = r1jax.load_pretrained(cfg.model)
+    import jax
+
+    from r1jax.parallel import mesh as mesh_lib
+
+    mesh_lib.initialize_distributed()
+    mesh = mesh_lib.build_mesh(cfg.mesh)
+    mesh_lib.check_model(r1jax.api.read_config(cfg.model), dict(mesh.shape))  # before loading any weight
+    model_cfg, params = r1jax.load_pretrained(cfg.model, mesh=mesh)
     tok = load_tokenizer(cfg.prompts.tokenizer)
     summary, records = evaluate_model(params, model_cfg, cfg.prompts, tok, num_samples=cfg.num_samples,
                                       temperature=cfg.temperature, top_p=cfg.top_p,
                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                      max_prompts=cfg.max_prompts, ks=cfg.ks, maj_ks=cfg.maj_ks)
+                                      max_prompts=cfg.max_prompts, ks=cfg.ks, maj_ks=cfg.maj_ks, mesh=mesh)
+    if jax.process_index() != 0:
+        return summary
     out = Path(cfg.out_dir)
     rows = results_table({",".join(cfg.prompts.sources): summary})
     write_jsonl(rows, out / "results.jsonl")

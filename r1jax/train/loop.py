@@ -89,20 +89,10 @@ def resolve_model(cfg: TrainConfig, mesh=None):
 def teacher_config(dcfg: DistillConfig, student: ModelConfig, sizes: dict[str, int]):
     """The distillation teacher's config, read without its weights, checked against the student (same
     vocabulary: the KL compares the distributions id by id) and the mesh."""
-    from r1jax.checkpoint import orbax_io
-    from r1jax.convert import hf_io
+    from r1jax.api import read_config
 
     path = Path(dcfg.teacher)
-    if not path.exists():
-        raise ConfigError(f"distill.teacher: {path} does not exist")
-    if (path / "config.json").exists():
-        with hf_io.open_hf(path) as ckpt:  # reads config.json and the safetensors headers only
-            teacher = ckpt.cfg
-    elif orbax_io.is_model_checkpoint(path):
-        teacher = orbax_io.read_model_config(path)
-    else:
-        raise ConfigError(f"distill.teacher: {path} is neither a Hugging Face directory (config.json) nor an "
-                          f"r1jax checkpoint")
+    teacher = read_config(path, "distill.teacher")
     if teacher.vocab_size != student.vocab_size:
         raise ConfigError(f"distill.teacher: vocab_size {teacher.vocab_size} of {path} differs from the student's "
                           f"{student.vocab_size}; logit distillation needs one shared vocabulary")
