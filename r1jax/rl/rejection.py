@@ -33,21 +33,38 @@ def _keep(prompt: str, completion: str, answer, n_tokens: int, finished: bool, c
     return None
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    part.replace(path)
+
+
 def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, progress: bool = False) -> dict:
     """Write kept samples to `out_path` (jsonl of {"messages": [...], "id", "answer"}) and
-    `out_path` + `.stats.json`; return the statistics."""
+    `out_path` + `.stats.json`; return the statistics. Progress is recorded after every batch, so a
+    killed run, started again, continues where it stopped (same seeds, same output)."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
+    marker = out_path.with_name(out_path.name + ".progress.json")
     it = make_prompt_iterator(cfg.prompts, tok)
     stats = {"prompts": 0, "samples": 0, "kept": 0, "rejected": {}, "per_prompt": []}
+    done_bytes = 0
+    if tmp.exists() and marker.exists():  # a killed run: keep its finished batches, sample the rest
+        saved = json.loads(marker.read_text())
+        stats, done_bytes = saved["stats"], saved["bytes"]
+        it.set_state(saved["iterator"])
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.max_prompts, desc="rejection sampling", dynamic_ncols=True)
-    with open(tmp, "w") as f:
+        bar = tqdm(total=cfg.max_prompts, initial=stats["prompts"], desc="rejection sampling", dynamic_ncols=True)
+    with open(tmp, "r+" if done_bytes else "w") as f:
+        f.truncate(done_bytes)  # rows written after the last recorded batch are sampled again
+        f.seek(done_bytes)
         for batch in it:
+            if cfg.max_prompts is not None and stats["prompts"] >= cfg.max_prompts:
+                break
             rows = prompt_rows(batch)
             rep = [r for r in rows for _ in range(cfg.num_samples)]
             out = sampler.sample(params, model_cfg, rep, max_new_tokens=cfg.max_new_tokens,
@@ -88,11 +105,12 @@ def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, 
                 stats["per_prompt"].append({"id": str(batch["id"][p]), "kept": kept, "total": cfg.num_samples})
                 if bar is not None:
                     bar.update(1)
-            if cfg.max_prompts is not None and stats["prompts"] >= cfg.max_prompts:
-                break
+            f.flush()
+            _write_atomic(marker, json.dumps({"bytes": f.tell(), "stats": stats, "iterator": it.get_state()}))
     if bar is not None:
         bar.close()
     tmp.replace(out_path)  # the dataset appears only when complete
+    marker.unlink(missing_ok=True)
     stats["kept_fraction"] = stats["kept"] / max(stats["samples"], 1)
     stats["prompts_with_any"] = float(np.mean([r["kept"] > 0 for r in stats["per_prompt"]])) if stats["per_prompt"] else 0.0
     Path(str(out_path) + ".stats.json").write_text(json.dumps(stats, indent=1))
