@@ -70,10 +70,12 @@ def demo_pipeline(out: str | Path) -> "PipelineConfig":
             dict(name="rejection", kind="rejection", config=dict(
                 init_from="@rl", num_samples=4, temperature=0.7, max_new_tokens=32, max_prompts=200,
                 prompts=prompts(sources=["task:train"], batch_size=50, shuffle=False))),
-            # R1-Distill: SFT of a small dense Qwen2-style student on the teacher's kept samples.
+            # R1-Distill: SFT of a small dense Qwen2-style student on the teacher's kept samples, plus the
+            # teacher's next-token distribution on them (logit-level: τ²·KL mixed with the CE).
             dict(name="distill", kind="distill", config=dict(
                 model=TINY_QWEN2_STUDENT, steps=250, log_every=10,
                 data=dict(kind="sft", sources=["@rejection"], seq_len=64, batch_size=16, num_epochs=None),
+                distill=dict(teacher="@rl", alpha=0.5, temperature=1.0),
                 optimizer=dict(learning_rate=3e-3, warmup_steps=10, weight_decay=0.01),
                 checkpoint=dict(save_interval_steps=50, max_to_keep=2))),
         ],
