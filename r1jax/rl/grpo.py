@@ -33,8 +33,8 @@ def advantages(rewards: jax.Array, valid: jax.Array, *, scale: bool, eps: float)
 
 def token_logprobs(params: dict, tokens: jax.Array, positions: jax.Array, segment_ids: jax.Array,
                    cfg: ModelConfig, *, temperature: float, chunk: int, with_entropy: bool = False):
-    """log π(tokens[t+1] | tokens[..t]) / temperature-scaled, for t = 0..T-2 -> [N, T-1] (and the
-    policy entropy per position). Logits are made C positions at a time under jax.checkpoint, so a
+    """log π(tokens[t+1] | tokens[..t]) / temperature-scaled, for t = 0..T-2 -> [N, T-1]; with
+    `with_entropy`, (log-probs, policy entropy per position, the forward's MoE stats or None). Logits are made C positions at a time under jax.checkpoint, so a
     full [N, T, V] block never exists, forward or backward."""
     h, moe_stats = model.hidden(params, tokens, cfg, positions, segment_ids)
     h = h[:, :-1]
