@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline.set_defaults(func=_pipeline)
     ev = sub.add_parser("eval", help="pass@k / maj@k of a model on a verifiable prompt set")
     ev.add_argument("config", help="eval YAML (see configs/eval/)")
-    ev.add_argument("overrides", nargs="*", metavar="key=value")
+    ev.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="dotted overrides, e.g. num_samples=8 verifier=package.module:function")
     ev.set_defaults(func=_eval)
     plan = sub.add_parser("plan", help="per-device memory of a config on a (virtual) mesh, without the hardware")
     plan.add_argument("config", help="a stage YAML or a model YAML")

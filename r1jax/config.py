@@ -954,6 +954,9 @@ class EvalConfig:
     maj_ks: tuple[int, ...] = ()
     max_prompts: Optional[int] = None
     seed: int = 0
+    # What judges a completion: a built-in name (answer_match: the final answer equals the gold one)
+    # or `package.module:function`, called as function(gold_answer: str, completion: str) -> bool.
+    verifier: str = "answer_match"
     out_dir: str = "runs/eval"
     # Device mesh for sampling (weights loaded straight into their shards; rows split over data×fsdp×
     # expert, padded). Multi-host: every process runs the same command; process 0 writes the results.
@@ -972,6 +975,9 @@ class EvalConfig:
              "greedy decoding (temperature 0) gives one distinct sample: use num_samples 1")
         for i, k in enumerate(self.ks + self.maj_ks):
             need(1 <= k <= self.num_samples, f"ks[{i}]", f"every k must be in [1, num_samples={self.num_samples}], got {k}")
+        from r1jax.eval.run import resolve_verifier  # late: the table lives beside the code using it
+
+        resolve_verifier(self.verifier)  # a bad module or function is named before any weight is read
 
 
 # ---- pipeline

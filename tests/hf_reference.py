@@ -34,6 +34,18 @@ V3_CONFIGS = {
         rope_parameters={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
                          "beta_fast": 16, "beta_slow": 2, "mscale": 0.9, "mscale_all_dim": 0.5,
                          "rope_theta": 5000.0}),
+    # q compression with the half-split rope layout under YaRN; one group of four kept (topk_group=1),
+    # 3 experts per group; rope dim > nope dim, odd v dim, 6 heads. (transformers' CPU grouped_mm
+    # needs hidden_size and moe_intermediate_size to be multiples of 4.)
+    "v3_one_group_half_split": dict(
+        vocab_size=61, hidden_size=36, intermediate_size=44, moe_intermediate_size=20, num_hidden_layers=3,
+        num_attention_heads=6, n_shared_experts=1, n_routed_experts=12, num_experts_per_tok=2, n_group=4,
+        topk_group=1, first_k_dense_replace=1, kv_lora_rank=14, q_lora_rank=18, qk_rope_head_dim=10,
+        qk_nope_head_dim=4, v_head_dim=7, max_position_embeddings=192, routed_scaling_factor=3.0,
+        rope_interleave=False,
+        rope_parameters={"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 64,
+                         "beta_fast": 24, "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 0.8,
+                         "rope_theta": 20000.0}),
     # Dense-only (first_k_dense_replace ≥ layers), untruncated YaRN correction range.
     "v3_all_dense_untruncated": dict(
         vocab_size=50, hidden_size=40, intermediate_size=72, moe_intermediate_size=8, num_hidden_layers=2,

@@ -1,5 +1,7 @@
 """Rule-based rewards on hand-built completions, and the weighted reward set."""
 
+import re
+
 import pytest
 
 from r1jax.config import RewardSpec
@@ -67,6 +69,9 @@ def test_reward_set_weights_skips_and_names_failures():
         rewards.reward_set((RewardSpec(name="acuracy"),))
     with pytest.raises(ConfigError, match="cannot import 'no_such_module:f'"):
         rewards.reward_set((RewardSpec(name="no_such_module:f"),))
+    for malformed in (":f", "..x:f", "x.:f", "x:f.g"):  # importlib would raise ValueError/TypeError
+        with pytest.raises(ConfigError, match=f"rewards: '{re.escape(malformed)}' is not a dotted path"):
+            rewards.reward_set((RewardSpec(name=malformed),))
     boom = rewards.reward_set((RewardSpec(name="tests.test_rewards:exploding_reward"),))
     with pytest.raises(rewards.RewardError, match="reward 'tests.test_rewards:exploding_reward' raised ZeroDivisionError"):
         boom([PROMPT], [GOOD], answers=["14"], completion_lengths=[3], truncated=[False])

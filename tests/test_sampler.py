@@ -20,8 +20,18 @@ PROMPTS = [[5, 17, 3, 40, 22], [9, 2, 61], [33, 8, 71, 4, 50, 12, 27]]  # ragged
 M = 8
 
 
-def _model(kind, name, tmp_path_factory):
-    model = make_hf_model(kind, (V3_CONFIGS if kind == "v3" else V2_CONFIGS)[name])
+# The sampler's second V3 shape, everything the main one (v3_yarn_grouped) lacks in one compile: no
+# q compression, the half-split rope layout, attention biases (kv_a_proj_with_mqa feeds the latent
+# cache; o_proj follows the folded value projection), YaRN with mscale ≠ mscale_all_dim (attention
+# factor ≠ 1), no top-k renormalisation; vocabulary 64.
+V3_QPROJ_BIAS = dict(V3_CONFIGS["v3_qproj_plain_rope"], attention_bias=True, max_position_embeddings=256,
+                     rope_parameters={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                                      "beta_fast": 16, "beta_slow": 2, "mscale": 0.9, "mscale_all_dim": 0.5,
+                                      "rope_theta": 5000.0})
+
+
+def _model(kind, name, tmp_path_factory, kwargs=None):
+    model = make_hf_model(kind, kwargs or (V3_CONFIGS if kind == "v3" else V2_CONFIGS)[name])
     path = tmp_path_factory.mktemp(name) / "hf"
     cfg, params = to_r1jax(model, path)
     return SimpleNamespace(model=model, cfg=cfg, params=params, dir=path)
@@ -35,6 +45,16 @@ def v3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def v2(tmp_path_factory):
     return _model("v2", "v2_lite_greedy", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def v3_qproj_bias(tmp_path_factory):
+    return _model("v3", "v3_qproj_bias", tmp_path_factory, V3_QPROJ_BIAS)
+
+
+def prompts_for(m) -> list[list[int]]:
+    """PROMPTS folded into the model's vocabulary (unchanged when it holds them)."""
+    return [[t % m.cfg.vocab_size for t in p] for p in PROMPTS]
 
 
 def full_step_logits(m, prompts, tokens) -> list[np.ndarray]:
@@ -57,35 +77,39 @@ def _log_softmax(x):
 # --------------------------------------------------------------------------- reference parity
 
 
-@pytest.mark.parametrize("kind", ["v3", "v2"])
+@pytest.mark.parametrize("kind", ["v3", "v3_qproj_bias", "v2"])
 def test_greedy_generate_matches_transformers(kind, request):
     m = request.getfixturevalue(kind)
-    out = r1jax.rl.generate(m.params, m.cfg, PROMPTS, max_new_tokens=M)
-    assert out.dtype == np.int32 and out.shape == (len(PROMPTS), M)
-    for b, prompt in enumerate(PROMPTS):  # HF per row, unpadded
+    prompts = prompts_for(m)
+    out = r1jax.rl.generate(m.params, m.cfg, prompts, max_new_tokens=M)
+    assert out.dtype == np.int32 and out.shape == (len(prompts), M)
+    for b, prompt in enumerate(prompts):  # HF per row, unpadded
         with torch.no_grad():
             ref = m.model.generate(torch.tensor([prompt]), max_new_tokens=M, do_sample=False, eos_token_id=None,
                                    pad_token_id=0)
         np.testing.assert_array_equal(out[b], ref[0, len(prompt):].numpy(), err_msg=f"row {b}")
 
 
-@pytest.fixture(scope="module")
-def both_modes(v3):
-    return {mode: sampler.sample(v3.params, v3.cfg, PROMPTS, max_new_tokens=M, temperature=0.0, cache=mode,
-                                 return_logits=True) for mode in sampler.CACHES}
-
-
-def test_cached_logits_equal_full_recomputation(v3, both_modes):
-    for mode, out in both_modes.items():
-        ref = full_step_logits(v3, PROMPTS, out.tokens)
-        for b in range(len(PROMPTS)):
+@pytest.mark.parametrize("kind", ["v3", "v3_qproj_bias"])
+def test_cached_logits_equal_full_recomputation(kind, request):
+    m = request.getfixturevalue(kind)
+    # Both caches on the main model, where they must also agree with each other; the default (latent)
+    # alone on the second, to keep compiles down.
+    modes = ("latent", "expanded") if kind == "v3" else ("latent",)
+    prompts = prompts_for(m)
+    runs = {mode: sampler.sample(m.params, m.cfg, prompts, max_new_tokens=M, temperature=0.0, cache=mode,
+                                 return_logits=True) for mode in modes}
+    for mode, out in runs.items():
+        ref = full_step_logits(m, prompts, out.tokens)
+        for b in range(len(prompts)):
             assert rel_err(out.logits[b], ref[b]) < 1e-5, (mode, b)
             np.testing.assert_array_equal(out.tokens[b], ref[b].argmax(-1))
             np.testing.assert_allclose(out.logprobs[b], _log_softmax(ref[b])[np.arange(M), out.tokens[b]],
                                        atol=1e-5)
-    latent, expanded = both_modes["latent"], both_modes["expanded"]
-    np.testing.assert_array_equal(latent.tokens, expanded.tokens)
-    assert rel_err(latent.logits, expanded.logits) < 1e-5
+    if len(runs) > 1:
+        latent, expanded = runs["latent"], runs["expanded"]
+        np.testing.assert_array_equal(latent.tokens, expanded.tokens)
+        assert rel_err(latent.logits, expanded.logits) < 1e-5
 
 
 def test_latent_cache_is_kv_lora_plus_rope_per_token(v3):
@@ -314,6 +338,40 @@ def test_sample_file_writes_one_row_per_sample(v3, tmp_path):
         np.testing.assert_allclose(r["logprobs"], ref.logprobs[b, :n_b], atol=1e-6)
         assert r["finish_reason"] == ref.finish_reasons[b]
         assert r["completion"] == " ".join(f"w{t}" for t in r["completion_ids"])
+
+
+def test_sample_command_writes_rows_with_a_progress_bar(v3, tmp_path, capsys):
+    """`r1jax sample` in-process. The options match the sample_file test above (one compiled loop for
+    both); a flag the CLI dropped would change the rows (seed, length) or their number (samples)."""
+    import json
+
+    from r1jax.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_ids": p, "tag": t}) + "\n" for p, t in zip(PROMPTS[::2], "xy")))
+    out = tmp_path / "samples.jsonl"
+    rc = main(["sample", "--ckpt", str(v3.dir), "--prompts", str(prompts), "--out", str(out), "--max-new-tokens",
+               str(M), "--temperature", "1.0", "--top-p", "1.0", "--top-k", "0", "--seed", "3", "--num-samples", "2",
+               "--batch-size", "4", "--cache", "latent"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"wrote 4 samples to {out}" in captured.out
+    assert "sampling" in captured.err and "4/4" in captured.err  # tqdm's bar, on stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["tag"], r["prompt_ids"], r["prompt_index"], r["sample_index"]) for r in rows] == [
+        ("x", PROMPTS[0], 0, 0), ("x", PROMPTS[0], 0, 1), ("y", PROMPTS[2], 1, 0), ("y", PROMPTS[2], 1, 1)]
+    ref = sampler.sample(v3.params, v3.cfg, [PROMPTS[0]] * 2 + [PROMPTS[2]] * 2, max_new_tokens=M,
+                         temperature=1.0, seed=3, eos_id=v3.cfg.eos_token_id)
+    for b, r in enumerate(rows):
+        n_b = int(ref.lengths[b])
+        assert r["completion_ids"] == ref.tokens[b, :n_b].tolist()
+        np.testing.assert_allclose(r["logprobs"], ref.logprobs[b, :n_b], atol=1e-6)
+        assert r["finish_reason"] == ref.finish_reasons[b] and "completion" not in r  # no tokenizer.json
+    assert len({tuple(r["completion_ids"]) for r in rows}) > 1  # really sampled
+    rc = main(["sample", "--ckpt", str(v3.dir), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
+               "--top-p", "0"])
+    assert rc == 2 and "r1jax sample: error: top_p" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_sample_file_names_bad_rows(v3, tmp_path):

@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from r1jax.config import DataConfig, ModelConfig
 from r1jax.data import tasks
 from r1jax.data.pipeline import make_prompt_iterator
+from r1jax.errors import ConfigError
 from r1jax.eval.metrics import evaluate
-from r1jax.rl import sampler
+from r1jax.rl import rewards, sampler
+
+# verify(gold answer: str, completion: str) -> bool. The built-in: the completion's final answer
+# (<answer>, \boxed{} or after </think>) equals the gold one, integers compared as integers.
+VERIFIERS: dict[str, Callable] = {"answer_match": tasks.verify}
+
+
+def resolve_verifier(spec: str) -> Callable:
+    """`EvalConfig.verifier` -> the verify function: a built-in name, or `package.module:function`
+    imported by the loader GRPO uses for custom rewards (so both accept the same specs)."""
+    if spec in VERIFIERS:
+        return VERIFIERS[spec]
+    if ":" not in spec:
+        raise ConfigError(f"verifier: unknown verifier {spec!r}; built-in: {', '.join(sorted(VERIFIERS))}, "
+                          "or a dotted path 'package.module:function'")
+    return rewards.import_callable(spec, "verifier")
 
 
 def prompt_rows(batch: dict) -> list[list[int]]:
@@ -18,9 +36,10 @@ def prompt_rows(batch: dict) -> list[list[int]]:
 
 def evaluate_model(params, model_cfg: ModelConfig, prompts: DataConfig, tok, *, num_samples: int = 1,
                    temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                   max_prompts: int | None = None, ks=(1,), maj_ks=(), mesh=None):
+                   max_prompts: int | None = None, ks=(1,), maj_ks=(), mesh=None, verify: Callable = tasks.verify):
     """-> (summary {pass@k..., maj@k..., mean_length}, records with completions). Greedy when
-    temperature is 0 (then every sample is the same; use num_samples 1)."""
+    temperature is 0 (then every sample is the same; use num_samples 1). verify(gold answer,
+    completion) -> bool judges each sample; maj@k votes on tasks.extract_answer's answers."""
     it = make_prompt_iterator(prompts, tok)
     problems, completions, ids, lengths = [], [], [], []
     for batch in it:
@@ -46,7 +65,7 @@ def evaluate_model(params, model_cfg: ModelConfig, prompts: DataConfig, tok, *, 
             ids.append(str(batch["id"][i]))
         if max_prompts is not None and len(problems) >= max_prompts:
             break
-    summary, records = evaluate(problems, completions, tasks.verify, tasks.extract_answer, ks=ks, maj_ks=maj_ks,
+    summary, records = evaluate(problems, completions, verify, tasks.extract_answer, ks=ks, maj_ks=maj_ks,
                                 ids=ids)
     summary["mean_length"] = float(np.mean(lengths)) if lengths else 0.0
     for rec, comps in zip(records, completions):
@@ -70,12 +89,14 @@ def run_eval(cfg) -> dict:
     mesh_lib.initialize_distributed()
     mesh = mesh_lib.build_mesh(cfg.mesh)
     mesh_lib.check_model(r1jax.api.read_config(cfg.model), dict(mesh.shape))  # before loading any weight
+    verify = resolve_verifier(cfg.verifier)  # checked at config load too; imported before any weight
     model_cfg, params = r1jax.load_pretrained(cfg.model, mesh=mesh)
     tok = load_tokenizer(cfg.prompts.tokenizer)
     summary, records = evaluate_model(params, model_cfg, cfg.prompts, tok, num_samples=cfg.num_samples,
                                       temperature=cfg.temperature, top_p=cfg.top_p,
                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                                      max_prompts=cfg.max_prompts, ks=cfg.ks, maj_ks=cfg.maj_ks, mesh=mesh)
+                                      max_prompts=cfg.max_prompts, ks=cfg.ks, maj_ks=cfg.maj_ks, mesh=mesh,
+                                      verify=verify)
     if jax.process_index() != 0:
         return summary
     out = Path(cfg.out_dir)

@@ -178,6 +178,24 @@ REWARDS: dict[str, Callable] = {
 }
 
 
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
+def import_callable(spec: str, key: str) -> Callable:
+    """`package.module:function` -> the function; ConfigError naming `key` for a malformed spec, a
+    module that does not import, a missing attribute or one that is not callable."""
+    if not _DOTTED.fullmatch(spec):
+        raise ConfigError(f"{key}: {spec!r} is not a dotted path 'package.module:function'")
+    module, _, attr = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key}: cannot import {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(f"{key}: {spec!r} is not callable")
+    return fn
+
+
 def resolve(name: str) -> Callable:
     """A built-in reward by name, or `package.module:function`."""
     if name in REWARDS:
@@ -185,14 +203,7 @@ def resolve(name: str) -> Callable:
     if ":" not in name:
         raise ConfigError(f"rewards: unknown reward {name!r}; built-in: {', '.join(sorted(REWARDS))}, "
                           "or a dotted path 'package.module:function'")
-    module, _, attr = name.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"rewards: cannot import {name!r}: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"rewards: {name!r} is not callable")
-    return fn
+    return import_callable(name, "rewards")
 
 
 @dataclasses.dataclass(frozen=True)
