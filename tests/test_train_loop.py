@@ -1,9 +1,11 @@
-"""The training loop end to end: loss falls, exact resume after kill -9, SIGTERM, NaN stop,
-SFT masking, metrics files, and config errors before any compile."""
+"""The training loop end to end: loss falls, exact resume after kill -9, SIGTERM (async saves), NaN
+stop, SFT masking, metrics files (jsonl and TensorBoard), config errors before any compile, and the
+recipes in configs/train."""
 
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -34,19 +36,63 @@ def _final_params(run_dir: Path):
     return load_model(run_dir / "checkpoints")[1]
 
 
+def _tensorboard_scalars(run_dir: Path, tag: str) -> dict[int, float]:
+    """{step: value} of one scalar tag, read back from the TFRecord event files (u64 length, u32 crc,
+    an Event proto, u32 crc per record)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for f in sorted((run_dir / "tensorboard").glob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            out.update({event.step: v.simple_value for v in event.summary.value if v.tag == tag})
+    return out
+
+
 def test_loss_falls_and_metrics_are_written(tmp_path):
+    from test_flops import v3_hand_count
+
     cfg = cfg_for(tmp_path, "steps=30", "optimizer.learning_rate=3e-3")
     result = train(cfg)
     assert result.status == "completed" and result.step == 30
     rows = read_metrics(cfg.out_dir)
     first, last = np.mean([r["ce"] for r in rows[:3]]), np.mean([r["ce"] for r in rows[-3:]])
     assert last < first - 1.0, (first, last)
-    for key in ("loss", "ce", "mtp_ce", "balance_loss", "grad_norm", "lr", "tokens_per_s", "moe/load_max_over_mean",
-                "moe/bias_norm", "moe/dropped"):
+    for key in ("loss", "ce", "mtp_ce", "balance_loss", "grad_norm", "lr", "tokens_per_s", "mfu",
+                "moe/load_max_over_mean", "moe/load_min_over_mean", "moe/load_cv", "moe/bias_norm", "moe/dropped"):
         assert key in rows[-1], key
     assert "eval/ce" in rows[-1] and rows[-1]["eval/ce"] < first
-    assert list((Path(cfg.out_dir) / "tensorboard").glob("events.out.tfevents.*"))
-    saved = config.load_stage(Path(cfg.out_dir) / "config.yaml")
+
+    # MFU = model FLOPs/s over the peak; per row it shares the elapsed time with tokens/s, so
+    # mfu / tokens_per_s = FLOPs per token / (peak · devices) is the same on every row.
+    E, gamma = cfg.model.n_routed_experts, cfg.router_bias_update_rate
+    assert all(0 < r["mfu"] < 1 for r in rows), [r["mfu"] for r in rows]
+    per_token = np.array([r["mfu"] / r["tokens_per_s"] for r in rows])
+    np.testing.assert_allclose(per_token, per_token[0], rtol=1e-9)
+    peak = v3_hand_count(cfg.model, cfg.data.seq_len) / (per_token[0] * jax.device_count())
+    assert 1e8 < peak < 1e13, peak  # the measured matmul FLOP/s of a CPU device
+
+    # Expert load per MoE layer, as ratios to the mean load: min ≤ 1 ≤ max ≤ E, and the coefficient of
+    # variation lies between the range's lower bound (max−min)/√(2E) and Bhatia–Davis √((max−1)(1−min)).
+    for r in rows:
+        mx, mn, cv = (np.array(r[f"moe/load_{k}"]) for k in ("max_over_mean", "min_over_mean", "cv"))
+        assert mx.shape == mn.shape == cv.shape == (cfg.model.num_moe_layers,)
+        assert (0 <= mn).all() and (mn <= 1 + 1e-6).all() and (1 - 1e-6 <= mx).all() and (mx <= E + 1e-6).all(), r
+        assert ((mx - mn) / np.sqrt(2 * E) <= cv + 1e-6).all() and (cv <= np.sqrt((mx - 1) * (1 - mn)) + 1e-6).all(), r
+        # Each step moves every bias by at most γ (the sign rule): |b| ≤ step·γ·√E, and it has moved.
+        bias = np.array(r["moe/bias_norm"])
+        assert (0 < bias).all() and (bias <= r["step"] * gamma * np.sqrt(E) * (1 + 1e-5)).all(), r
+        assert r["moe/dropped"] == 0  # ragged dispatch drops nothing
+    assert rows[-1]["moe/load_cv"][0] > 0
+
+    # TensorBoard holds the same loss values (stored as float32) at the same steps.
+    run_dir = Path(cfg.out_dir)
+    assert _tensorboard_scalars(run_dir, "loss") == {r["step"]: np.float32(r["loss"]) for r in rows}
+    assert _tensorboard_scalars(run_dir, "moe/load_cv/layer_1")[30] == np.float32(rows[-1]["moe/load_cv"][1])
+    saved = config.load_stage(run_dir / "config.yaml")
     assert saved.model == cfg.model and saved.steps == 30
 
 
@@ -89,31 +135,56 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_saves_and_resume_finishes(tmp_path):
+    """With async saves (the default): periodic saves every 2 steps overlap training, SIGTERM forces one
+    at the step it lands on, and the process exits only once that one is committed."""
     run = tmp_path / "term"
-    p = _run_cli(tmp_path, "term", "checkpoint.save_interval_steps=100")
+    opts = ("checkpoint.async_save=true", "checkpoint.save_interval_steps=2")
+    p = _run_cli(tmp_path, "term", *opts)
     _wait_for_step(run, 3, p)
     p.send_signal(signal.SIGTERM)
     out = p.communicate()[0]
     assert p.returncode == 0 and "preempted" in out, out
     saved = json.loads((run / "result.json").read_text())["step"]
     steps = sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit())
-    assert steps == [saved] and saved >= 3
-    p2 = _run_cli(tmp_path, "term", "checkpoint.save_interval_steps=100")
+    assert saved >= 3 and steps[-1] == saved and len(steps) <= 2, (saved, steps)  # max_to_keep: 2
+    assert not [d for d in (run / "checkpoints").iterdir() if "tmp" in d.name]  # every save committed
+    p2 = _run_cli(tmp_path, "term", *opts)
     out = p2.communicate()[0]
     assert p2.returncode == 0 and "completed at step 12" in out, out
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 13))
 
 
-def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    cfg = cfg_for(tmp_path, "optimizer.learning_rate=1e30", "optimizer.grad_clip_norm=null",
-                  "optimizer.warmup_steps=0", "steps=50")
-    with pytest.raises(TrainingDiverged, match=r"step \d+: loss or gradient is not finite.*last good checkpoint"):
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    """Two good steps (checkpoint at step 2, written asynchronously while training goes on), then a NaN
+    weight makes step 3's loss non-finite: the run stops naming step 3, step 2's checkpoint holds
+    exactly the params training had, and nothing later is written."""
+    import r1jax.train.loop as loop
+
+    real, before = loop.make_train_step, {}
+
+    def poisoned_after_two_steps(*args, **kwargs):
+        step_fn, calls = real(*args, **kwargs), []
+
+        def step(state, batch, *rest):
+            calls.append(1)
+            if len(calls) == 3:
+                before["params"] = jax.tree.map(np.array, state.params)  # copies: the step donates state
+                state = state.replace(params={**state.params, "final_norm": state.params["final_norm"] * jnp.nan})
+            return step_fn(state, batch, *rest)
+
+        return step
+
+    monkeypatch.setattr(loop, "make_train_step", poisoned_after_two_steps)
+    cfg = cfg_for(tmp_path, "steps=50", "checkpoint.save_interval_steps=2", "checkpoint.async_save=true")
+    with pytest.raises(TrainingDiverged, match=r"^step 3: loss or gradient is not finite .*"
+                                               r"the last good checkpoint \(step 2\) is intact"):
         train(cfg)
-    ckpts = [d for d in (Path(cfg.out_dir) / "checkpoints").iterdir() if d.name.isdigit()]
-    for d in ckpts:  # whatever was saved holds finite params
-        from r1jax.checkpoint.orbax_io import load_model
-
-        params = load_model(Path(cfg.out_dir) / "checkpoints")[1]
-        assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+    run_dir = Path(cfg.out_dir)
+    assert sorted(d.name for d in (run_dir / "checkpoints").iterdir() if d.name[0].isdigit()) == ["2"]
+    saved = _final_params(run_dir)
+    jax.tree.map(np.testing.assert_array_equal, saved, before["params"])
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(before["params"]))
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
 
 
 @pytest.mark.parametrize("override,match", [
@@ -159,3 +230,24 @@ def test_sft_loss_ignores_user_tokens():
     asst = dict(batch, targets=batch["targets"].copy())
     asst["targets"][0, -2] = 7
     assert float(f(asst)) != base
+
+
+def test_train_recipes_load_and_fit_the_tokenizer():
+    """Every recipe in configs/train loads through the stage loader (unknown keys, types and values
+    are checked there), passes the pre-compile mesh checks on one device, and its model's vocabulary
+    covers its tokenizer."""
+    from r1jax.config import ModelConfig
+    from r1jax.data.tokenizer import load_tokenizer
+    from r1jax.parallel.mesh import check_train
+    from r1jax.train.loop import _check_vocab
+
+    paths = sorted((Path(__file__).parent.parent / "configs" / "train").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"tiny_pretrain.yaml", "tiny_sft.yaml", "tiny_grpo.yaml"}
+    tiny_v3 = config.load(ModelConfig, Path(__file__).parent.parent / "configs" / "model" / "tiny_v3.yaml")
+    for path in paths:
+        cfg = config.load_stage(path)
+        assert cfg.stage == config.read_yaml(path)["stage"], path
+        assert cfg.model == tiny_v3, path
+        _check_vocab(load_tokenizer((cfg.prompts if cfg.stage == "grpo" else cfg.data).tokenizer), cfg.model)
+        if cfg.stage != "grpo":
+            check_train(cfg, cfg.model, cfg.mesh.shape(1))

@@ -12,10 +12,15 @@ from r1jax.model.params import count_params
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """6·(active params excluding the embedding lookup) + attention's 12·layers·H·(K+V)/2·T
-    (causal half), the usual PaLM-appendix accounting."""
-    active = count_params(cfg, active=True) - cfg.vocab_size * cfg.hidden_size
-    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
+    """6·(weights one token is multiplied by) + 6·(attention layers)·H·(K+V)·T for QKᵀ and AV over a
+    row of T positions (PaLM appendix B; no causal halving). The input embedding is a lookup, not a
+    matmul: it is left out unless tied to the output head. The MTP modules run a whole block each, so
+    their attention counts too."""
+    active = count_params(cfg, active=True)
+    if not cfg.tie_word_embeddings:
+        active -= cfg.vocab_size * cfg.hidden_size
+    layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    attn = 6 * layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
     return 6.0 * active + attn
 
 
