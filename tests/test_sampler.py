@@ -330,14 +330,20 @@ def test_sample_file_writes_one_row_per_sample(v3, tmp_path):
     assert n == 4 and [(r["id"], r["prompt_index"], r["sample_index"]) for r in rows] == [
         ("a", 0, 0), ("a", 0, 1), ("b", 1, 0), ("b", 1, 1)]
     # Same draws as sample() on the same four rows (row b uses key fold_in(seed, b)); stops at EOS.
-    ref = sampler.sample(v3.params, v3.cfg, [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2, max_new_tokens=M,
-                         temperature=1.0, seed=3, eos_id=v3.cfg.eos_token_id)
+    _assert_rows_are_sample_draws(rows, v3, [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2)
+    assert all(r["completion"] == " ".join(f"w{t}" for t in r["completion_ids"]) for r in rows)
+
+
+def _assert_rows_are_sample_draws(rows, v3, prompts):
+    """The rows' completions, log-probs and finish reasons are `sampler.sample`'s on the same prompts
+    (temperature 1, seed 3: row b draws from fold_in(seed, b)), each stopped at EOS."""
+    ref = sampler.sample(v3.params, v3.cfg, prompts, max_new_tokens=M, temperature=1.0, seed=3,
+                         eos_id=v3.cfg.eos_token_id)
     for b, r in enumerate(rows):
         n_b = int(ref.lengths[b])
         assert r["completion_ids"] == ref.tokens[b, :n_b].tolist()
         np.testing.assert_allclose(r["logprobs"], ref.logprobs[b, :n_b], atol=1e-6)
         assert r["finish_reason"] == ref.finish_reasons[b]
-        assert r["completion"] == " ".join(f"w{t}" for t in r["completion_ids"])
 
 
 def test_sample_command_writes_rows_with_a_progress_bar(v3, tmp_path, capsys):
@@ -360,13 +366,8 @@ def test_sample_command_writes_rows_with_a_progress_bar(v3, tmp_path, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["tag"], r["prompt_ids"], r["prompt_index"], r["sample_index"]) for r in rows] == [
         ("x", PROMPTS[0], 0, 0), ("x", PROMPTS[0], 0, 1), ("y", PROMPTS[2], 1, 0), ("y", PROMPTS[2], 1, 1)]
-    ref = sampler.sample(v3.params, v3.cfg, [PROMPTS[0]] * 2 + [PROMPTS[2]] * 2, max_new_tokens=M,
-                         temperature=1.0, seed=3, eos_id=v3.cfg.eos_token_id)
-    for b, r in enumerate(rows):
-        n_b = int(ref.lengths[b])
-        assert r["completion_ids"] == ref.tokens[b, :n_b].tolist()
-        np.testing.assert_allclose(r["logprobs"], ref.logprobs[b, :n_b], atol=1e-6)
-        assert r["finish_reason"] == ref.finish_reasons[b] and "completion" not in r  # no tokenizer.json
+    _assert_rows_are_sample_draws(rows, v3, [PROMPTS[0]] * 2 + [PROMPTS[2]] * 2)
+    assert not any("completion" in r for r in rows)  # no tokenizer.json
     assert len({tuple(r["completion_ids"]) for r in rows}) > 1  # really sampled
     rc = main(["sample", "--ckpt", str(v3.dir), "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl"),
                "--top-p", "0"])

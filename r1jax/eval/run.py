@@ -9,7 +9,6 @@ import numpy as np
 from r1jax.config import DataConfig, ModelConfig
 from r1jax.data import tasks
 from r1jax.data.pipeline import make_prompt_iterator
-from r1jax.errors import ConfigError
 from r1jax.eval.metrics import evaluate
 from r1jax.rl import rewards, sampler
 
@@ -21,12 +20,7 @@ VERIFIERS: dict[str, Callable] = {"answer_match": tasks.verify}
 def resolve_verifier(spec: str) -> Callable:
     """`EvalConfig.verifier` -> the verify function: a built-in name, or `package.module:function`
     imported by the loader GRPO uses for custom rewards (so both accept the same specs)."""
-    if spec in VERIFIERS:
-        return VERIFIERS[spec]
-    if ":" not in spec:
-        raise ConfigError(f"verifier: unknown verifier {spec!r}; built-in: {', '.join(sorted(VERIFIERS))}, "
-                          "or a dotted path 'package.module:function'")
-    return rewards.import_callable(spec, "verifier")
+    return rewards.resolve_spec(spec, VERIFIERS, "verifier", "verifier")
 
 
 def prompt_rows(batch: dict) -> list[list[int]]:

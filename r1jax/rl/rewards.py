@@ -196,14 +196,19 @@ def import_callable(spec: str, key: str) -> Callable:
     return fn
 
 
+def resolve_spec(spec: str, builtins: dict[str, Callable], key: str, noun: str) -> Callable:
+    """A built-in by name from `builtins`, or `package.module:function`; errors name `key`."""
+    if spec in builtins:
+        return builtins[spec]
+    if ":" not in spec:
+        raise ConfigError(f"{key}: unknown {noun} {spec!r}; built-in: {', '.join(sorted(builtins))}, "
+                          "or a dotted path 'package.module:function'")
+    return import_callable(spec, key)
+
+
 def resolve(name: str) -> Callable:
     """A built-in reward by name, or `package.module:function`."""
-    if name in REWARDS:
-        return REWARDS[name]
-    if ":" not in name:
-        raise ConfigError(f"rewards: unknown reward {name!r}; built-in: {', '.join(sorted(REWARDS))}, "
-                          "or a dotted path 'package.module:function'")
-    return import_callable(name, "rewards")
+    return resolve_spec(name, REWARDS, "rewards", "reward")
 
 
 @dataclasses.dataclass(frozen=True)
