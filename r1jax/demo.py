@@ -31,6 +31,11 @@ TINY_V3 = dict(
 )
 
 
+# The demo's teacher: the same architecture twice as wide (also configs/model/demo_v3.yaml), wide
+# enough to learn 3-operand sums in a CPU-minutes budget; tests keep the cheaper TINY_V3.
+DEMO_V3 = dict(TINY_V3, hidden_size=128)
+
+
 # The dense student (also configs/model/tiny_qwen2_student.yaml).
 TINY_QWEN2_STUDENT = dict(
     model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
@@ -49,35 +54,40 @@ def demo_pipeline(out: str | Path) -> "PipelineConfig":
     """The embedded default of `r1jax demo` (configs/pipeline/r1_tiny.yaml is the same recipe)."""
     from r1jax.config import PipelineConfig, from_dict
 
-    task = dict(min_operands=2, max_operands=2, num_eval=30)
+    # Three-operand sums and differences with a worked chain before the answer. Half the cold-start
+    # answers are off by 1-3 from the chain's last line (answer_noise), so the SFT model learns the
+    # chain but copies its result only part of the time: imperfect, with room that rule-based
+    # rewards can reach (R1's cold start is likewise small and imperfect). Eval problems are clean.
+    task = dict(ops="+-", min_operands=3, max_operands=3, num_eval=200, answer_noise=0.5)
     prompts = lambda **kw: dict(kind="prompts", seq_len=32, task=task, **kw)  # noqa: E731
     d = dict(
         out_dir=str(out), eval_samples=4, eval_temperature=0.6, eval_top_p=0.95, eval_max_new_tokens=32,
-        eval_prompts=prompts(sources=["task:eval"], batch_size=64, shuffle=False, drop_remainder=False),
+        eval_prompts=prompts(sources=["task:eval"], batch_size=100, shuffle=False, drop_remainder=False),
         stages=[
             dict(name="cold_start", kind="sft", config=dict(
-                model=TINY_V3, steps=250, log_every=10,
+                model=DEMO_V3, steps=500, log_every=10,
                 data=dict(kind="sft", sources=["task:train"], seq_len=64, batch_size=16, num_epochs=None, task=task),
                 optimizer=dict(learning_rate=3e-3, warmup_steps=10, weight_decay=0.01),
-                checkpoint=dict(save_interval_steps=50, max_to_keep=2))),
+                checkpoint=dict(save_interval_steps=100, max_to_keep=2))),
+            # 32 prompts x 8 samples per step; one update per rollout, so no old-policy pass.
             dict(name="rl", kind="grpo", config=dict(
-                init_from="@cold_start", steps=40, num_generations=8, max_new_tokens=32, temperature=0.7, beta=0.0,
-                epsilon_low=0.2, epsilon_high=0.28, loss_aggregation="token_mean", samples_every=10,
-                prompts=prompts(sources=["task:train"], batch_size=8, num_epochs=None),
-                optimizer=dict(learning_rate=1e-4, schedule="constant", weight_decay=0.0),
+                init_from="@cold_start", steps=100, num_generations=8, max_new_tokens=32, temperature=0.7, beta=0.0,
+                epsilon_low=0.2, epsilon_high=0.28, loss_aggregation="sequence_mean", samples_every=20,
+                prompts=prompts(sources=["task:train"], batch_size=32, num_epochs=None),
+                optimizer=dict(learning_rate=6e-5, schedule="constant", weight_decay=0.0),
                 rewards=[dict(name="accuracy", weight=1.0), dict(name="format", weight=0.2)],
                 checkpoint=dict(save_interval_steps=20, max_to_keep=2))),
             dict(name="rejection", kind="rejection", config=dict(
-                init_from="@rl", num_samples=4, temperature=0.7, max_new_tokens=32, max_prompts=200,
-                prompts=prompts(sources=["task:train"], batch_size=50, shuffle=False))),
+                init_from="@rl", num_samples=4, temperature=0.7, max_new_tokens=32, max_prompts=400,
+                prompts=prompts(sources=["task:train"], batch_size=100, shuffle=False))),
             # R1-Distill: SFT of a small dense Qwen2-style student on the teacher's kept samples, plus the
             # teacher's next-token distribution on them (logit-level: τ²·KL mixed with the CE).
             dict(name="distill", kind="distill", config=dict(
-                model=TINY_QWEN2_STUDENT, steps=250, log_every=10,
+                model=TINY_QWEN2_STUDENT, steps=300, log_every=10,
                 data=dict(kind="sft", sources=["@rejection"], seq_len=64, batch_size=16, num_epochs=None),
                 distill=dict(teacher="@rl", alpha=0.5, temperature=1.0),
                 optimizer=dict(learning_rate=3e-3, warmup_steps=10, weight_decay=0.01),
-                checkpoint=dict(save_interval_steps=50, max_to_keep=2))),
+                checkpoint=dict(save_interval_steps=100, max_to_keep=2))),
         ],
     )
     return from_dict(PipelineConfig, d)

@@ -106,3 +106,28 @@ def test_chunked_logprobs_equal_full_log_softmax(chunk, temperature):
     full = jax.nn.log_softmax(r1jax.forward(params, tokens, cfg)[:, :-1] / temperature, -1)
     ref = jnp.take_along_axis(full, tokens[:, 1:, None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(lp), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_update_per_rollout_needs_no_old_logprob_pass():
+    """μ = 1: π_old's log-probs taken from the update's own forward (detached) give the loss and
+    gradient of the separate pass they replace (and the gradient is not the zero of an undetached ratio)."""
+    import optax
+
+    from r1jax import config
+    from r1jax.model.params import init_params
+
+    gcfg = config.load_stage("configs/train/tiny_grpo.yaml", ["beta=0", "num_iterations=1"])
+    cfg = gcfg.model
+    params = init_params(cfg.replace(initializer_range=0.1), jax.random.key(0))
+    rng = np.random.RandomState(0)
+    batch = {"tokens": jnp.asarray(rng.randint(3, cfg.vocab_size, (4, 10)), jnp.int32),
+             "positions": jnp.tile(jnp.arange(10, dtype=jnp.int32), (4, 1)), "segment_ids": jnp.ones((4, 10), jnp.int32),
+             "completion_mask": jnp.asarray(rng.rand(4, 6) > 0.3), "advantages": jnp.array([1.0, -1.0, 0.5, -0.5])}
+    grad = jax.jit(jax.value_and_grad(grpo.loss_fn, has_aux=True), static_argnums=(2, 3))
+    (loss, _), g = grad(params, batch, cfg, gcfg)
+    old = grpo.rollout_logprobs(params, batch, cfg, gcfg)
+    (loss_ref, m_ref), g_ref = grad(params, {**batch, "old_logp": old}, cfg, gcfg)
+    np.testing.assert_allclose(float(loss), float(loss_ref), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-9), g, g_ref)
+    assert float(optax.global_norm(g)) > 1e-3 and float(m_ref["ratio_mean"]) == pytest.approx(1.0, abs=1e-6)

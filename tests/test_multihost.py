@@ -22,16 +22,15 @@ from r1jax.train.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 # Every process reads the whole global batch (data.shard_count=1) and keeps its rows, so the batches are
 # the ones a single process sees. Eval off, no MTP module and synchronous saves keep it short (the
-# compiles dominate; the second launch reads them from the persistent compilation cache).
+# compiles dominate).
 ARGS = ["log_every=1", "progress=false", "data.seq_len=32", "data.batch_size=8", "data.shard_index=0",
         "data.shard_count=1", "eval_data=null", "checkpoint.async_save=false", "checkpoint.save_interval_steps=100",
         "mesh.data=2", "mesh.expert=4", "model.moe_dispatch=capacity_ep", "model.capacity_factor=4.0",
         "model.num_nextn_predict_layers=0"]
 
 
-def _launch(run_dir: Path, steps: int, cache: Path) -> str:
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "PYTHONPATH": str(ROOT)}
+def _launch(run_dir: Path, steps: int) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("XLA_FLAGS", None)
     cmd = [str(ROOT / "launch/local.sh"), "-n", "2", "--cpu-devices", "4", "--", sys.executable, "-m", "r1jax.cli",
            "train", str(ROOT / "configs/train/tiny_pretrain.yaml"), *ARGS, f"steps={steps}", f"out_dir={run_dir}"]
@@ -40,12 +39,15 @@ def _launch(run_dir: Path, steps: int, cache: Path) -> str:
     return proc.stdout
 
 
+# `alone`: gloo's 30 s connection setup between the two processes timed out twice with a second
+# pytest-xdist worker compiling beside them, so the README's command runs these tests after the rest.
 @pytest.mark.slow
+@pytest.mark.alone
 def test_two_processes_train_save_restore_and_match_one_process(tmp_path):
     run = tmp_path / "two"
-    first = _launch(run, 2, tmp_path / "cache")
+    first = _launch(run, 2)
     assert "[0] r1jax train: completed at step 2" in first and "[1] r1jax train: completed at step 2" in first
-    second = _launch(run, 3, tmp_path / "cache")  # restores step 2 in both processes, trains step 3
+    second = _launch(run, 3)  # restores step 2 in both processes, trains step 3
     assert "completed at step 3" in second
     assert sorted(int(d.name) for d in (run / "checkpoints").iterdir() if d.name.isdigit()) == [2, 3]
 

@@ -20,6 +20,17 @@ def test_accuracy_uses_math_verify_on_the_final_answer():
     assert rewards.accuracy([PROMPT], [GOOD], answers=[None]) == [None]
 
 
+def test_integer_shortcut_agrees_with_math_verify():
+    from math_verify import parse, verify
+
+    values = ["0", "-0", "7", "+7", "007", "-7", "12", "-12", "120", "1000000000000000000001"]
+    for gold in values:
+        for answer in values + ["7.0", "14/2", "x"]:
+            want = verify(parse(f"${gold}$"), parse(f"${answer}$"))
+            assert rewards.accuracy([PROMPT], [f"</think> <answer>{answer}</answer>"], answers=[gold]) == [float(want)], (
+                gold, answer)
+
+
 def test_format_requires_each_tag_once_in_order():
     cases = {
         GOOD: 1.0,

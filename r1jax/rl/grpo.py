@@ -121,11 +121,14 @@ def completion_logprobs(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig,
 
 def loss_fn(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig):
     """The GRPO objective on a rollout batch {tokens, positions, segment_ids, completion_mask,
-    old_logp, ref_logp, advantages} (and optionally sample_mask [N]: False for padding rows)."""
+    advantages} with optional old_logp, ref_logp and sample_mask [N] (False for padding rows)."""
     logp, ent, moe_stats = completion_logprobs(params, batch, cfg, gcfg, with_entropy=True)
     rows = batch["sample_mask"].astype(jnp.float32).sum() if "sample_mask" in batch else None
+    # Without old_logp (μ = 1: one update per rollout) π_old is these very params, so its log-probs are
+    # this forward's, detached: the same loss and gradient without a second forward pass (TRL does the same).
+    old_logp = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
     loss, metrics = policy_loss(
-        logp, batch["old_logp"], batch.get("ref_logp"), batch["advantages"], batch["completion_mask"],
+        logp, old_logp, batch.get("ref_logp"), batch["advantages"], batch["completion_mask"],
         epsilon_low=gcfg.epsilon_low, epsilon_high=gcfg.epsilon_high, beta=gcfg.beta,
         aggregation=gcfg.loss_aggregation, max_len=gcfg.max_new_tokens, num_completions=rows)
     m = batch["completion_mask"].astype(jnp.float32)

@@ -180,7 +180,9 @@ def batch_shapes(cfg: GRPOConfig) -> dict:
     S = jax.ShapeDtypeStruct
     shapes = {k: S((N, Lp + M), jnp.int32) for k in ("tokens", "positions", "segment_ids")}
     shapes.update(completion_mask=S((N, M), jnp.bool_), advantages=S((N,), jnp.float32),
-                  sample_mask=S((N,), jnp.bool_), old_logp=S((N, M), jnp.float32))
+                  sample_mask=S((N,), jnp.bool_))
+    if cfg.num_iterations > 1:  # μ = 1 takes π_old's log-probs from the update's own forward
+        shapes["old_logp"] = S((N, M), jnp.float32)
     if cfg.beta > 0:
         shapes["ref_logp"] = S((N, M), jnp.float32)
     return shapes
@@ -230,7 +232,7 @@ def make_steps(model_cfg, cfg: GRPOConfig, tx, state_sh: GRPOState, batch_sh: di
     replicated = NamedSharding(mesh, PartitionSpec())
     inputs = {k: v for k, v in batch_sh.items() if k not in ("old_logp", "ref_logp")}
     logprobs = jax.jit(functools.partial(grpo.completion_logprobs, cfg=model_cfg, gcfg=cfg),
-                       in_shardings=(state_sh.params, inputs), out_shardings=batch_sh["old_logp"])
+                       in_shardings=(state_sh.params, inputs), out_shardings=batch_sh["completion_mask"])
     step = jax.jit(functools.partial(update, cfg=model_cfg, gcfg=cfg, tx=tx), in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, replicated), donate_argnums=0)
     refresh = jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(state_sh.params,),
@@ -339,7 +341,8 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
                     dev = global_batch(batch, batch_sh)
                     t1 = time.perf_counter()
                     inputs = dict(dev)
-                    dev["old_logp"] = steps.logprobs(state.params, inputs)
+                    if cfg.num_iterations > 1:
+                        dev["old_logp"] = steps.logprobs(state.params, inputs)
                     if cfg.beta > 0:
                         dev["ref_logp"] = steps.logprobs(state.ref_params, inputs)
                     jax.block_until_ready(dev)
