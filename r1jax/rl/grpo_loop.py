@@ -232,7 +232,8 @@ def make_steps(model_cfg, cfg: GRPOConfig, tx, state_sh: GRPOState, batch_sh: di
     replicated = NamedSharding(mesh, PartitionSpec())
     inputs = {k: v for k, v in batch_sh.items() if k not in ("old_logp", "ref_logp")}
     logprobs = jax.jit(functools.partial(grpo.completion_logprobs, cfg=model_cfg, gcfg=cfg),
-                       in_shardings=(state_sh.params, inputs), out_shardings=batch_sh["completion_mask"])
+                       in_shardings=(state_sh.params, inputs),
+                       out_shardings=batch_sh["completion_mask"])  # [N, M], laid out like the mask
     step = jax.jit(functools.partial(update, cfg=model_cfg, gcfg=cfg, tx=tx), in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, replicated), donate_argnums=0)
     refresh = jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(state_sh.params,),
@@ -341,7 +342,7 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
                     dev = global_batch(batch, batch_sh)
                     t1 = time.perf_counter()
                     inputs = dict(dev)
-                    if cfg.num_iterations > 1:
+                    if "old_logp" in batch_sh:  # μ > 1 (see batch_shapes)
                         dev["old_logp"] = steps.logprobs(state.params, inputs)
                     if cfg.beta > 0:
                         dev["ref_logp"] = steps.logprobs(state.ref_params, inputs)
