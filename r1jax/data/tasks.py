@@ -187,11 +187,16 @@ def extract_answer(completion: str) -> str | None:
     return found or None
 
 
+def is_integer(text: str) -> bool:
+    """A plain integer, sign and surrounding whitespace allowed (`+7`, ` 007 `)."""
+    return _INTEGER.fullmatch(text.strip()) is not None
+
+
 def answers_match(gold: str, answer: str) -> bool:
     """Integers compare as integers (`+7` == `7`); anything else as whitespace-normalized text."""
+    if is_integer(gold):
+        return is_integer(answer) and int(answer) == int(gold)
     gold, answer = gold.strip(), answer.strip()
-    if _INTEGER.fullmatch(gold):
-        return _INTEGER.fullmatch(answer) is not None and int(answer) == int(gold)
     return " ".join(gold.split()) == " ".join(answer.split())
 
 

@@ -19,7 +19,7 @@ import re
 import threading
 from collections.abc import Callable, Mapping
 
-from r1jax.data.tasks import extract_answer
+from r1jax.data.tasks import answers_match, extract_answer, is_integer
 from r1jax.errors import ConfigError, R1JaxError
 from r1jax.rl import sandbox
 
@@ -36,14 +36,11 @@ def _with_think_prefix(prompt: str, completion: str) -> str:
     return (THINK_OPEN + "\n" + completion) if stripped.endswith(THINK_OPEN) else completion
 
 
-_INTEGER = re.compile(r"[+-]?\d+")
-
-
 def _math_verify(gold: str, answer: str) -> bool | None:
     # Two plain integers need no parser: math-verify takes about a millisecond per pair and a GRPO
     # step scores hundreds (tests/test_rewards.py checks this path against math-verify itself).
-    if _INTEGER.fullmatch(gold.strip()) and _INTEGER.fullmatch(answer.strip()):
-        return int(gold) == int(answer)
+    if is_integer(gold) and is_integer(answer):
+        return answers_match(gold, answer)
     from math_verify import parse, verify
 
     # math-verify times out with SIGALRM, which works only on the main thread.
