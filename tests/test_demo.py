@@ -22,10 +22,15 @@ from r1jax.demo import demo_pipeline
 RL_STEPS, REJECTION_PROMPTS, DISTILL_STEPS = 75, 2000, 1000
 
 
+def stage_configs(d: dict) -> dict:
+    """name -> the stage's config dict (the same objects, so edits land in `d`)."""
+    return {s["name"]: s["config"] for s in d["stages"]}
+
+
 def shortened_demo(out) -> dict:
     d = config.to_dict(demo_pipeline(out))
     d["export_hf"] = False  # export and the exported logits are tested in test_pipeline.py
-    stage = {s["name"]: s["config"] for s in d["stages"]}
+    stage = stage_configs(d)
     stage["rl"]["steps"] = RL_STEPS
     stage["rejection"]["max_prompts"] = REJECTION_PROMPTS
     stage["distill"]["steps"] = DISTILL_STEPS
@@ -59,6 +64,6 @@ def test_shortened_demo_grpo_raises_pass1_and_the_student_keeps_most_of_it(tmp_p
     assert rl["pass@1_T0.6"] >= cold["pass@1_T0.6"] + 0.06, (cold, rl)
     assert rl["pass@1_greedy"] >= cold["pass@1_greedy"], (cold, rl)
     rejection = records[2]
-    samples = {st["name"]: st["config"] for st in demo["stages"]}["rejection"]["num_samples"]
+    samples = stage_configs(demo)["rejection"]["num_samples"]
     assert rejection["samples"] == samples * REJECTION_PROMPTS and 0.2 < rejection["kept_fraction"] < 0.95, rejection
     assert student["pass@1_T0.6"] >= 0.75 * rl["pass@1_T0.6"], (rl, student)
