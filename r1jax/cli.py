@@ -51,7 +51,7 @@ def _pipeline(args) -> int:
 
 
 def _plan(args) -> int:
-    from r1jax.parallel.plan import plan_command
+    from r1jax.plan import plan_command
 
     plan_command(args.config, args.overrides, args.mesh, devices=args.devices, hardware=args.hardware,
                  batch_size=args.batch, seq_len=args.seq_len, compile=not args.no_compile)

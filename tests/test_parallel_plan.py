@@ -7,7 +7,7 @@ import io
 import pytest
 
 from r1jax.errors import ConfigError
-from r1jax.parallel.plan import HARDWARE, plan_command
+from r1jax.plan import HARDWARE, plan_command
 
 
 def test_tiny_plan_compiles_and_matches_the_analytic_state_bytes():
