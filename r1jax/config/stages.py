@@ -13,7 +13,7 @@ from r1jax.config.mesh import MeshConfig
 from r1jax.config.model import DenseConfig, ModelConfig
 from r1jax.errors import ConfigError
 
-# ---- names the code beside chooses by (each table there is checked against its Literal at import)
+# ---- strategy names: the table of functions each chooses from is checked against its Literal at import
 
 # What a data row becomes (r1jax/data/pipeline.py KINDS).
 DataKind = Literal["pretrain", "sft", "prompts"]
