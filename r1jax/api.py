@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.config import ModelConfig
+from r1jax.config import DTYPES, ModelConfig
 from r1jax.convert import hf_io
 from r1jax.errors import CheckpointError, ConfigError, DataError
 import r1jax.model as model_lib
@@ -77,7 +77,7 @@ def load_pretrained(path, *, dtype=None, mesh=None):
         raise CheckpointError(f"{path}: does not exist")
     if dtype is not None:
         dtype = jnp.dtype(dtype).name
-        if dtype not in ("float32", "bfloat16", "float16"):
+        if dtype not in DTYPES:
             raise ConfigError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
     if (path / "config.json").exists():
         return _load_hf(path, dtype, mesh)

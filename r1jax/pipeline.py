@@ -10,12 +10,13 @@ from pathlib import Path
 
 import r1jax
 from r1jax import config as config_lib
-from r1jax.config import GRPOConfig, PipelineConfig, RejectionConfig, StageSpec, TrainConfig
+from r1jax.config import GRPOConfig, PipelineConfig, RejectionConfig, StageKind, StageSpec, TrainConfig, check_names
 from r1jax.errors import ConfigError
 
 MODEL_KINDS = ("pretrain", "sft", "grpo", "distill")
 CLASSES = {"pretrain": TrainConfig, "sft": TrainConfig, "distill": TrainConfig, "grpo": GRPOConfig,
            "rejection": RejectionConfig}
+check_names(CLASSES, StageKind, "kind")
 STAGE_FIELD = {"pretrain": "pretrain", "sft": "sft", "distill": "sft", "grpo": "grpo"}
 
 

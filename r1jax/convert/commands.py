@@ -30,14 +30,13 @@ import numpy as np
 from tqdm import tqdm
 
 from r1jax.checkpoint import orbax_io
-from r1jax.config import ModelConfig
+from r1jax.config import DTYPES, ModelConfig
 from r1jax.convert import fp8, hf, hf_io, orbax_stream
 from r1jax.convert.atomic import AtomicDir
 from r1jax.convert.safetensors_io import ShardedWriter
 from r1jax.errors import CheckpointError, ConfigError
 from r1jax.model.params import param_dtype
 
-DTYPES = ("bfloat16", "float32", "float16")
 MIN_CHUNK_BYTES = 4 << 20  # smallest stored chunk: per-file costs make kilobyte chunks ~5x slower
 FLUSH_BYTES = 256 << 20  # orbax -> HF starts writing the shards back to disk after this many bytes
 # Threads converting the tensors of one slab side by side (reads, casts, FP8 (de)quantization, writes);

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import grain
 import numpy as np
 
+from r1jax.config import Packing, check_names
 from r1jax.data.examples import BadRow
 from r1jax.errors import DataError
 
@@ -169,6 +170,7 @@ PACKERS = {
     "best_fit": _grain_packer(grain.experimental.BestFitPackIterDataset),
     "none": _no_packing,
 }
+check_names(PACKERS, Packing, "packing")
 
 
 def pack(ds: grain.IterDataset, strategy: str, *, seq_len: int, rows: int, pad_id: int) -> grain.IterDataset:

@@ -21,7 +21,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from r1jax.config import DataConfig
+from r1jax.config import DataConfig, DataKind, check_names
 from r1jax.data.examples import RowFormatter
 from r1jax.data.packing import ExamplesIterator, ExamplesIterDataset, empty_row, pack
 from r1jax.data.sources import open_source
@@ -156,6 +156,7 @@ def _prompt_batches(ds: grain.IterDataset, cfg: DataConfig, tok: Tokenizer, rows
 
 
 KINDS = {"pretrain": _training_batches, "sft": _training_batches, "prompts": _prompt_batches}
+check_names(KINDS, DataKind, "kind")
 
 
 def build_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, *,

@@ -6,21 +6,23 @@ from collections.abc import Callable
 
 import numpy as np
 
-from r1jax.config import DataConfig, ModelConfig
+from r1jax import plugins
+from r1jax.config import DataConfig, ModelConfig, VerifierName, check_names
 from r1jax.data import tasks
 from r1jax.data.pipeline import make_prompt_iterator
 from r1jax.eval.metrics import evaluate
-from r1jax.rl import rewards, sampler
+from r1jax.rl import sampler
 
 # verify(gold answer: str, completion: str) -> bool. The built-in: the completion's final answer
 # (<answer>, \boxed{} or after </think>) equals the gold one, integers compared as integers.
 VERIFIERS: dict[str, Callable] = {"answer_match": tasks.verify}
+check_names(VERIFIERS, VerifierName, "verifier")
 
 
 def resolve_verifier(spec: str) -> Callable:
     """`EvalConfig.verifier` -> the verify function: a built-in name, or `package.module:function`
     imported by the loader GRPO uses for custom rewards (so both accept the same specs)."""
-    return rewards.resolve_spec(spec, VERIFIERS, "verifier", "verifier")
+    return plugins.resolve_spec(spec, VERIFIERS, "verifier", "verifier")
 
 
 def prompt_rows(batch: dict) -> list[list[int]]:

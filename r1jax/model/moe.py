@@ -14,7 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
+from r1jax.config import ModelConfig, MoeDispatch, check_names
 from r1jax.model.layers import swiglu
 from r1jax.parallel import experts
 
@@ -124,6 +124,7 @@ DISPATCH = {
     "capacity_ep": experts.expert_parallel(_capacity, experts.exchange_slots(_grouped_ffn)),
     "ragged_ep": experts.expert_parallel(_ragged, experts.exchange_ragged(_ragged_ffn)),
 }
+check_names(DISPATCH, MoeDispatch, "moe_dispatch")
 
 
 # --------------------------------------------------------------------------- the layer

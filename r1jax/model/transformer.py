@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig
+from r1jax.config import ModelConfig, RematPolicy, check_names
 from r1jax.model import attention, moe
 from r1jax.model.layers import cast_tree, rms_norm, swiglu
 from r1jax.parallel.rules import constrain
@@ -27,6 +27,7 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_saveable,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+check_names(REMAT_POLICIES, RematPolicy, "remat_policy")
 
 
 def _no_moe_stats(cfg: ModelConfig) -> dict:

@@ -14,11 +14,11 @@ options from the config.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import re
 import threading
 from collections.abc import Callable, Mapping
 
+from r1jax import plugins
 from r1jax.data.tasks import answers_match, extract_answer, is_integer
 from r1jax.errors import ConfigError, R1JaxError
 from r1jax.rl import sandbox
@@ -182,37 +182,9 @@ REWARDS: dict[str, Callable] = {
 }
 
 
-_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
-
-
-def import_callable(spec: str, key: str) -> Callable:
-    """`package.module:function` -> the function; ConfigError naming `key` for a malformed spec, a
-    module that does not import, a missing attribute or one that is not callable."""
-    if not _DOTTED.fullmatch(spec):
-        raise ConfigError(f"{key}: {spec!r} is not a dotted path 'package.module:function'")
-    module, _, attr = spec.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"{key}: cannot import {spec!r}: {e}") from None
-    if not callable(fn):
-        raise ConfigError(f"{key}: {spec!r} is not callable")
-    return fn
-
-
-def resolve_spec(spec: str, builtins: dict[str, Callable], key: str, noun: str) -> Callable:
-    """A built-in by name from `builtins`, or `package.module:function`; errors name `key`."""
-    if spec in builtins:
-        return builtins[spec]
-    if ":" not in spec:
-        raise ConfigError(f"{key}: unknown {noun} {spec!r}; built-in: {', '.join(sorted(builtins))}, "
-                          "or a dotted path 'package.module:function'")
-    return import_callable(spec, key)
-
-
 def resolve(name: str) -> Callable:
     """A built-in reward by name, or `package.module:function`."""
-    return resolve_spec(name, REWARDS, "rewards", "reward")
+    return plugins.resolve_spec(name, REWARDS, "rewards", "reward")
 
 
 @dataclasses.dataclass(frozen=True)
