@@ -1,14 +1,6 @@
-"""Data: tokenizer and R1 chat format, the built-in verifiable task, grain sources, packing, and the
-pipeline that turns a DataConfig into numpy batches (pretrain, SFT, RL prompts)."""
+"""Data: tokenizer and R1 chat format (`tokenizer`), the built-in verifiable task (`tasks`), grain
+sources (`sources`), rows to examples (`examples`), packing (`packing`), and the pipeline that turns a
+DataConfig into numpy batches for pre-training, SFT and RL prompts (`pipeline`).
 
-from r1jax.data.pipeline import DataIterator, build_dataset, make_iterator, make_prompt_iterator
-from r1jax.data.tasks import Problem, extract_answer, problems, verify
-from r1jax.data.tokenizer import (
-    Tokenizer, builtin_tokenizer, encode_chat, encode_prompt, load_tokenizer, render_chat,
-)
-
-__all__ = [
-    "build_dataset", "make_iterator", "make_prompt_iterator", "DataIterator",
-    "Problem", "problems", "extract_answer", "verify",
-    "Tokenizer", "builtin_tokenizer", "load_tokenizer", "render_chat", "encode_chat", "encode_prompt",
-]
+The package re-exports nothing: its modules import one another, and a package that imported them here
+would sit in the middle of every such import."""
