@@ -10,7 +10,7 @@ import numpy as np
 
 from r1jax.config import DTYPES, ModelConfig
 from r1jax.convert import hf_io
-from r1jax.errors import CheckpointError, ConfigError, DataError
+from r1jax.errors import ConfigError, DataError
 import r1jax.model as model_lib
 
 def check_tokens(tokens, cfg: ModelConfig) -> jax.Array:
@@ -48,44 +48,57 @@ def _param_shardings(mesh):
     return lambda cfg: param_shardings(cfg, mesh)
 
 
-def _load_hf(path, dtype, mesh):
+def _load_hf(path, dtype, mesh, shardings):
     """A HF directory (bf16/fp32, or the FP8 release dequantized to `dtype`, default bfloat16); with a
     mesh every device reads only its own block of each tensor."""
-    return hf_io.load_hf(path, dtype, _param_shardings(mesh))
+    return hf_io.load_hf(path, dtype, _param_shardings(mesh) if shardings is None else shardings)
+
+
+def _load_orbax(path, dtype, mesh, shardings):
+    from r1jax.checkpoint import orbax_io
+
+    return orbax_io.load_model(path, dtype=dtype, mesh=mesh, shardings=shardings)
+
+
+def _read_hf_config(path):
+    with hf_io.open_hf(path) as ckpt:  # config.json and the safetensors headers only
+        return ckpt.cfg
+
+
+def _read_orbax_config(path):
+    from r1jax.checkpoint import orbax_io
+
+    return orbax_io.read_model_config(path)
+
+
+# By checkpoint kind (r1jax.checkpoint.kind.checkpoint_kind).
+LOADERS = {"hf": _load_hf, "orbax": _load_orbax}
+CONFIG_READERS = {"hf": _read_hf_config, "orbax": _read_orbax_config}
+
+
+def _kind(path, key=None) -> str:
+    from r1jax.checkpoint.kind import checkpoint_kind  # orbax is imported only when a checkpoint is read
+
+    return checkpoint_kind(path, key)
 
 
 def read_config(path, key: str = "model"):
     """The architecture of a HF directory or an r1jax checkpoint, read without touching the weights
     (to check a mesh or a vocabulary before loading anything). `key` names the setting in errors."""
-    from r1jax.checkpoint import orbax_io
+    return CONFIG_READERS[_kind(path, key)](Path(path))
 
+
+def load_pretrained(path, *, dtype=None, mesh=None, shardings=None):
+    """(ModelConfig, params) from a HF directory (config.json + safetensors) or an r1jax checkpoint.
+    With `mesh`, each leaf is read straight into its sharding by the default rules; `shardings` (a
+    params pytree of jax.sharding.Sharding) places them instead, e.g. by a training run's rules."""
     path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{key}: {path} does not exist")
-    if (path / "config.json").exists():
-        with hf_io.open_hf(path) as ckpt:  # config.json and the safetensors headers only
-            return ckpt.cfg
-    if orbax_io.is_model_checkpoint(path):
-        return orbax_io.read_model_config(path)
-    raise ConfigError(f"{key}: {path} is neither a Hugging Face directory (config.json) nor an r1jax checkpoint")
-
-
-def load_pretrained(path, *, dtype=None, mesh=None):
-    """(ModelConfig, params) from a HF directory (config.json + safetensors) or an r1jax checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: does not exist")
+    kind = _kind(path)
     if dtype is not None:
         dtype = jnp.dtype(dtype).name
         if dtype not in DTYPES:
             raise ConfigError(f"dtype: expected float32, bfloat16 or float16, got {dtype!r}")
-    if (path / "config.json").exists():
-        return _load_hf(path, dtype, mesh)
-    from r1jax.checkpoint import orbax_io
-
-    if orbax_io.is_model_checkpoint(path):
-        return orbax_io.load_model(path, dtype=dtype, mesh=mesh)
-    raise CheckpointError(f"{path}: neither a Hugging Face directory (config.json) nor an r1jax checkpoint")
+    return LOADERS[kind](path, dtype, mesh, shardings)
 
 
 # --------------------------------------------------------------------------- saving

@@ -145,7 +145,7 @@ def test_orbax_checkpoints_written_by_save_model_convert_to_hf(hf_dirs, tmp_path
 
 def test_orbax_output_restores_into_training(hf_dirs, tmp_path):
     """train/loop.py's init_from path (r1jax.load_pretrained on the converted directory)."""
-    from r1jax.train.loop import resolve_model
+    from r1jax.train.run import resolve_model
 
     src, cfg, params = hf_dirs["float32"]
     hf_to_orbax(src, tmp_path / "orbax", dtype="bfloat16", progress=False)

@@ -4,6 +4,7 @@ recipes in configs/train."""
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -18,7 +19,8 @@ import pytest
 
 from r1jax import config
 from r1jax.errors import ConfigError
-from r1jax.train.loop import TrainingDiverged, train
+from r1jax.train.loop import train
+from r1jax.train.run import TrainingDiverged
 from r1jax.train.metrics import read_metrics
 
 BASE = ["steps=12", "log_every=1", "eval_every=0", "progress=false", "data.seq_len=64", "data.batch_size=8",
@@ -96,11 +98,14 @@ def test_loss_falls_and_metrics_are_written(tmp_path):
     assert saved.model == cfg.model and saved.steps == 30
 
 
-def _run_cli(tmp_path, name, *extra):
+def _cli(tmp_path, name, *extra) -> dict:
     cmd = [sys.executable, "-m", "r1jax.cli", "train", "configs/train/tiny_pretrain.yaml", *BASE,
            f"out_dir={tmp_path / name}", *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+    return dict(args=cmd, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""})
+
+
+def _run_cli(tmp_path, name, *extra):
+    return subprocess.Popen(**_cli(tmp_path, name, *extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _wait_for_step(run_dir: Path, step: int, proc, timeout=300):
@@ -204,6 +209,43 @@ def test_bad_config_is_named_before_compiling(tmp_path, override, match, monkeyp
         train(cfg_for(tmp_path, override))
 
 
+def _other_model_checkpoints(tmp_path):
+    from r1jax.checkpoint.orbax_io import write_model_config
+
+    model = config.load_stage("configs/train/tiny_pretrain.yaml").model
+    (tmp_path / "other").mkdir()
+    write_model_config(tmp_path / "other", model.replace(vocab_size=2 * model.vocab_size))
+    return f"checkpoint.directory={tmp_path / 'other'}"
+
+
+@pytest.mark.parametrize("case,error", [
+    ("missing_data", r"nope.jsonl: no such file"),
+    ("other_model", r"config.yaml: checkpoints here are of a different model"),
+])
+def test_errors_before_the_first_step_end_with_the_clean_error_alone(tmp_path, case, error):
+    """Issue 17: the data is opened before the checkpoint manager and a run closes the manager on every
+    path, so the error line is the whole of stderr (no orbax "cannot schedule new futures after
+    interpreter shutdown" from a cleanup thread left running)."""
+    extra = {"missing_data": lambda: f"data.sources=[{tmp_path / 'nope.jsonl'}]",
+             "other_model": lambda: _other_model_checkpoints(tmp_path)}[case]()
+    out = subprocess.run(**_cli(tmp_path, "run", extra), capture_output=True)
+    assert out.returncode == 2, out.stderr
+    assert re.fullmatch(rf"r1jax train: error: .*{error}.*\n", out.stderr), out.stderr
+
+
+def test_a_run_closes_its_checkpoint_manager_when_the_loop_raises(tmp_path, monkeypatch):
+    from r1jax.errors import DataError
+    from r1jax.train import run as run_lib
+
+    closed, real = [], run_lib.CheckpointManager.close
+    monkeypatch.setattr(run_lib.CheckpointManager, "close", lambda self: (closed.append(self), real(self)))
+    cfg = cfg_for(tmp_path)
+    with pytest.raises(DataError, match="^boom$"):
+        with run_lib.Run(cfg, cfg.model, data=None) as run:
+            raise DataError("boom")
+    assert closed == [run.manager]
+
+
 def test_sft_loss_ignores_user_tokens():
     """Hand-built chat example: changing the user's tokens' targets does not change the loss,
     changing an assistant token's target does."""
@@ -240,7 +282,7 @@ def test_train_recipes_load_and_fit_the_tokenizer():
     from r1jax.config import ModelConfig
     from r1jax.data.tokenizer import load_tokenizer
     from r1jax.parallel.mesh import check_train
-    from r1jax.train.loop import _check_vocab
+    from r1jax.train.run import check_vocab as _check_vocab
 
     paths = sorted((Path(__file__).parent.parent / "configs" / "train").glob("*.yaml"))
     assert {p.name for p in paths} >= {"tiny_pretrain.yaml", "tiny_sft.yaml", "tiny_grpo.yaml"}

@@ -39,7 +39,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -242,7 +242,11 @@ class CheckpointManager:
         )
         self._mngr = ocp.CheckpointManager(self.directory, options=options, handler_registry=_handler_registry())
         if model_config is not None:
-            self._check_model_config(model_config)
+            try:
+                self._check_model_config(model_config)
+            except BaseException:
+                self.close()  # the caller never gets this manager to close
+                raise
 
     def _check_model_config(self, model_config: ModelConfig) -> None:
         f = self.directory / CONFIG_FILE
@@ -351,8 +355,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Wait for the last save, then release orbax's threads."""
-        self._mngr.close()
+        """Wait for the last save and the removal of killed saves' leftovers, then release orbax's threads."""
+        # orbax removes the leftovers in a thread started by its constructor and waits for it only in
+        # `save`: a run stopped before its first save would leave it running into interpreter shutdown
+        # ("cannot schedule new futures after interpreter shutdown").
+        await_cleanup = getattr(self._mngr, "_maybe_await_cleanup_tmp_directory", None)
+        try:
+            if await_cleanup is not None:
+                await_cleanup()
+        finally:
+            self._mngr.close()
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -112,6 +112,18 @@ class Tokenizer:
         return d / "tokenizer.json"
 
 
+def completion_texts(tok: Tokenizer, tokens, lengths, finished) -> list[str]:
+    """Sampled completions [N, M] -> their texts: each row cut at its length, and the eos that ended a
+    finished row dropped (the text is what the model wrote, not the stop token)."""
+    texts = []
+    for row, n, done in zip(tokens, lengths, finished):
+        ids = row[: int(n)].tolist()
+        if done and ids and ids[-1] == tok.eos_id:
+            ids = ids[:-1]
+        texts.append(tok.decode(ids))
+    return texts
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte → printable character table, the alphabet of tokenizers' ByteLevel."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]

@@ -10,6 +10,7 @@ from r1jax import plugins
 from r1jax.config import DataConfig, ModelConfig, VerifierName, check_names
 from r1jax.data import tasks
 from r1jax.data.pipeline import make_prompt_iterator
+from r1jax.data.tokenizer import completion_texts
 from r1jax.eval.metrics import evaluate
 from r1jax.rl import sampler
 
@@ -46,18 +47,11 @@ def evaluate_model(params, model_cfg: ModelConfig, prompts: DataConfig, tok, *, 
             continue
         out = sampler.sample(params, model_cfg, rep, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, seed=seed + len(problems), eos_id=tok.eos_id, mesh=mesh)
+        texts = completion_texts(tok, out.tokens, out.lengths, out.finished)
+        lengths.extend(int(n) for n in out.lengths)
         for j, i in enumerate(keep):
-            texts = []
-            for s in range(num_samples):
-                r = j * num_samples + s
-                n = int(out.lengths[r])
-                ids_ = out.tokens[r, :n].tolist()
-                if out.finished[r] and ids_ and ids_[-1] == tok.eos_id:
-                    ids_ = ids_[:-1]
-                texts.append(tok.decode(ids_))
-                lengths.append(n)
             problems.append(str(batch["answer"][i]))
-            completions.append(texts)
+            completions.append(texts[j * num_samples:(j + 1) * num_samples])
             ids.append(str(batch["id"][i]))
         if max_prompts is not None and len(problems) >= max_prompts:
             break

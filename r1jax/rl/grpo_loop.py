@@ -25,19 +25,18 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from r1jax.checkpoint.manager import CheckpointManager, install_sigterm_handler, preemption_requested
 from r1jax.config import GRPOConfig, ModelConfig
 from r1jax.data.pipeline import make_prompt_iterator
-from r1jax.data.tokenizer import load_tokenizer
+from r1jax.data.tokenizer import completion_texts, load_tokenizer
 from r1jax.eval.run import evaluate_model, prompt_rows
-from r1jax.model.params import init_params, param_shapes
+from r1jax.model.params import param_shapes
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules as rules_lib
 from r1jax.rl import grpo, rewards as rewards_lib, sampler
 from r1jax.train import optimizer
+from r1jax.train.metrics import to_host
+from r1jax.train.run import Run, RunResult, check_vocab, mesh_and_model
 from r1jax.train.step import update_router_bias
-from r1jax.train.loop import RunResult, TrainingDiverged, _check_vocab, _write_run_config, close_run, finish_run, resolve_model
-from r1jax.train.metrics import MetricsWriter, to_host
 
 
 @flax.struct.dataclass
@@ -75,12 +74,7 @@ def _sample_groups(params, model_cfg, cfg: GRPOConfig, batch, tok, reward_set, s
                          top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, eos_id=tok.eos_id, mesh=mesh, rules=cfg.mesh,
                          bucket=cfg.prompts.seq_len)
     t1 = time.perf_counter()
-    texts = []
-    for i in range(len(rep)):
-        ids = out.tokens[i, : int(out.lengths[i])].tolist()
-        if out.finished[i] and ids and ids[-1] == tok.eos_id:
-            ids = ids[:-1]
-        texts.append(tok.decode(ids))
+    texts = completion_texts(tok, out.tokens, out.lengths, out.finished)
     prompts_text = [tok.decode(r) for r in rep]
     answers = [str(a) if str(a) else None for a in batch["answer"] for _ in range(G)]
     total, per = reward_set(prompts_text, texts, answers=answers, completion_lengths=out.lengths.tolist(),
@@ -282,19 +276,11 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
 
     Rollout and training share one params pytree, laid out by the rules: the sampler runs on the
     training state's params where they lie, with the rows split over the batch axes."""
-    mesh_lib.initialize_distributed()
-    run_dir = Path(cfg.out_dir)
-    mesh = mesh_lib.build_mesh(cfg.mesh, devices)
-    model_cfg, params = resolve_model(cfg, mesh)
+    mesh, model_cfg, params = mesh_and_model(cfg, devices)
     check_mesh(cfg, model_cfg, rules_lib.mesh_sizes(mesh))
     tok = load_tokenizer(cfg.prompts.tokenizer)
-    _check_vocab(tok, model_cfg)
+    check_vocab(tok, model_cfg)
     reward_set = rewards_lib.reward_set(cfg.rewards)
-    ckpt_cfg = cfg.checkpoint
-    if not ckpt_cfg.directory:
-        ckpt_cfg = dataclasses.replace(ckpt_cfg, directory=str(run_dir / "checkpoints"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    manager = CheckpointManager(ckpt_cfg, model_config=model_cfg)
     # Every process reads the whole prompt batch: rollouts are identical everywhere (see `rollout`).
     prompt_it = make_prompt_iterator(cfg.prompts, tok, shard=grain.sharding.NoSharding())
     eval_prompts = None
@@ -306,80 +292,51 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
     shapes = batch_shapes(cfg)
     batch_sh = batch_shardings(shapes, mesh, cfg.mesh)
     steps = make_steps(model_cfg, cfg, tx, state_sh, batch_sh, mesh)
-    primary = jax.process_index() == 0
 
-    with rules_lib.sharding_context(mesh, cfg.mesh):
-        start = manager.latest_step()
-        if start is None:
-            if params is None:
-                params = init_params(model_cfg, jax.random.key(cfg.seed), out_shardings=state_sh.params)
-            else:  # loaded with the default rules; this run's rules may differ
-                params = jax.device_put(params, state_sh.params)
-            state = jax.jit(lambda p: init_state(p, tx, cfg), out_shardings=state_sh)(params)
-            start = 0
-        else:
-            state, data_state = manager.restore(start, abstract_state=abstract, shardings=state_sh)
-            prompt_it.set_state(data_state)
+    with Run(cfg, model_cfg, prompt_it) as run, rules_lib.sharding_context(mesh, cfg.mesh):
+        state, step = run.start(params, lambda p: init_state(p, tx, cfg), abstract, state_sh)
         del params
-        if primary:
-            _write_run_config(run_dir, cfg, model_cfg)
-        writer = MetricsWriter(run_dir, resume_step=start)
-        install_sigterm_handler()
-        bar = None
-        if cfg.progress and primary:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=cfg.steps, initial=start, desc="grpo", dynamic_ncols=True)
-        status, last, step = "completed", {}, start
-        try:
-            while step < cfg.steps:
-                roll, rstats = rollout(state.params, model_cfg, cfg, prompt_it, tok, reward_set, step, mesh)
-                metrics = {**_rollout_metrics(roll, cfg.num_generations), **rstats}
-                if len(roll.lengths) == 0:  # every group had equal rewards in every round: nothing to learn
-                    step += 1
-                else:
-                    batch = training_batch(roll, cfg, tok.eos_id, rows=shapes["tokens"].shape[0])
-                    dev = global_batch(batch, batch_sh)
-                    t1 = time.perf_counter()
-                    inputs = dict(dev)
-                    if "old_logp" in batch_sh:  # μ > 1 (see batch_shapes)
-                        dev["old_logp"] = steps.logprobs(state.params, inputs)
-                    if cfg.beta > 0:
-                        dev["ref_logp"] = steps.logprobs(state.ref_params, inputs)
-                    jax.block_until_ready(dev)
-                    t2 = time.perf_counter()
-                    state, m = steps.update(state, dev)
-                    m = to_host(m)
-                    t3 = time.perf_counter()
-                    step += 1
-                    if cfg.beta > 0 and cfg.ref_refresh_steps and step % cfg.ref_refresh_steps == 0:
-                        state = state.replace(ref_params=steps.refresh(state.params))
-                    metrics.update(m)
-                    metrics.update(time_logprob=t2 - t1, time_update=t3 - t2)
-                    if primary and cfg.samples_every and (step % cfg.samples_every == 0 or step == 1):
-                        _write_samples(run_dir, step, roll, batch["advantages"])
-                if not np.isfinite(metrics.get("loss", 0.0)):
-                    raise TrainingDiverged(f"step {step}: GRPO loss is not finite; the last good checkpoint "
-                                           f"(step {manager.latest_step()}) is intact in {manager.directory}")
-                manager.save(step, state, prompt_it.get_state())
-                if eval_prompts is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                    summary, _ = evaluate_model(state.params, model_cfg, eval_prompts, tok,
-                                                num_samples=cfg.eval_samples,
-                                                temperature=0.0 if cfg.eval_samples == 1 else cfg.temperature,
-                                                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, mesh=mesh)
-                    metrics.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    writer.write(step, metrics)
-                last = metrics
-                if bar is not None:
-                    bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", refresh=False)
-                    bar.update(1)
-                if preemption_requested() or manager.reached_preemption(step):
-                    manager.save(step, state, prompt_it.get_state(), force=True)
-                    status = "preempted"
-                    break
-            if status != "preempted":
-                manager.save(step, state, prompt_it.get_state(), force=True)
-        finally:
-            close_run(manager, writer, bar)
-    return finish_run(run_dir, status, step, last, primary)
+        last = {}
+        while step < cfg.steps:
+            roll, rstats = rollout(state.params, model_cfg, cfg, prompt_it, tok, reward_set, step, mesh)
+            metrics = {**_rollout_metrics(roll, cfg.num_generations), **rstats}
+            if len(roll.lengths) == 0:  # every group had equal rewards in every round: nothing to learn
+                step += 1
+            else:
+                batch = training_batch(roll, cfg, tok.eos_id, rows=shapes["tokens"].shape[0])
+                dev = global_batch(batch, batch_sh)
+                t1 = time.perf_counter()
+                inputs = dict(dev)
+                if "old_logp" in batch_sh:  # μ > 1 (see batch_shapes)
+                    dev["old_logp"] = steps.logprobs(state.params, inputs)
+                if cfg.beta > 0:
+                    dev["ref_logp"] = steps.logprobs(state.ref_params, inputs)
+                jax.block_until_ready(dev)
+                t2 = time.perf_counter()
+                state, m = steps.update(state, dev)
+                m = to_host(m)
+                t3 = time.perf_counter()
+                step += 1
+                if cfg.beta > 0 and cfg.ref_refresh_steps and step % cfg.ref_refresh_steps == 0:
+                    state = state.replace(ref_params=steps.refresh(state.params))
+                metrics.update(m)
+                metrics.update(time_logprob=t2 - t1, time_update=t3 - t2)
+                if run.primary and cfg.samples_every and (step % cfg.samples_every == 0 or step == 1):
+                    _write_samples(run.dir, step, roll, batch["advantages"])
+            if not np.isfinite(metrics.get("loss", 0.0)):
+                raise run.diverged(f"step {step}: GRPO loss is not finite")
+            run.save(step, state)
+            if eval_prompts is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                summary, _ = evaluate_model(state.params, model_cfg, eval_prompts, tok,
+                                            num_samples=cfg.eval_samples,
+                                            temperature=0.0 if cfg.eval_samples == 1 else cfg.temperature,
+                                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, mesh=mesh)
+                metrics.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
+            if run.log_due(step):
+                run.log(step, metrics)
+            last = metrics
+            run.advance(reward=f"{metrics['reward/mean']:.3f}")
+            if run.preempted(step, state):
+                break
+        run.end(step, state)
+    return run.result(last)

@@ -11,6 +11,7 @@ import numpy as np
 
 from r1jax.config import RejectionConfig
 from r1jax.data.pipeline import make_prompt_iterator
+from r1jax.data.tokenizer import completion_texts
 from r1jax.eval.run import prompt_rows
 from r1jax.rl import rewards, sampler
 
@@ -70,6 +71,7 @@ def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, 
             out = sampler.sample(params, model_cfg, rep, max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature, top_p=cfg.top_p,
                                  seed=cfg.seed + stats["prompts"], eos_id=tok.eos_id)
+            texts = completion_texts(tok, out.tokens, out.lengths, out.finished)
             for p, row in enumerate(rows):
                 if cfg.max_prompts is not None and stats["prompts"] >= cfg.max_prompts:
                     break
@@ -78,11 +80,7 @@ def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, 
                 seen, kept = set(), 0
                 for s in range(cfg.num_samples):
                     i = p * cfg.num_samples + s
-                    n = int(out.lengths[i])
-                    ids = out.tokens[i, :n].tolist()
-                    if out.finished[i] and ids and ids[-1] == tok.eos_id:
-                        ids = ids[:-1]
-                    text = tok.decode(ids)
+                    n, text = int(out.lengths[i]), texts[i]
                     stats["samples"] += 1
                     reason = _keep(prompt_text, text, answer, n, bool(out.finished[i]), cfg)
                     key = " ".join(text.split())
