@@ -1,4 +1,5 @@
-"""The public entry points named in DESIGN.md: forward, load_pretrained, save_pretrained."""
+"""The public model API (docs/ARCHITECTURE.md, "Public interfaces"): forward, load_pretrained,
+save_pretrained, read_config."""
 
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ def random_params(cfg, seed=0) -> dict:
 
 def _rng(seed: int, name: str) -> np.random.Generator:
     """One generator per tensor; the MTP module's copy of the embedding gets the embedding's values,
-    as in the release (spec §6: one shared embedding)."""
+    as in the release (docs/deepseek_v3.md §6: one shared embedding)."""
     name = re.sub(r"^model\.layers\.\d+\.embed_tokens\.weight$", "model.embed_tokens.weight", name)
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
 

@@ -95,7 +95,7 @@ def test_transformers_checkpoint_round_trips_tensor_for_tensor(tmp_path, dtype):
     for name in sorted(a.names):
         if name.endswith("e_score_correction_bias") and a.dtype(name) == "BF16":
             # `.to(bfloat16)` also cast the router bias, which r1jax (and the release) keeps in fp32
-            # (spec §8): it comes back upcast, value for value.
+            # (docs/deepseek_v3.md §8): it comes back upcast, value for value.
             assert b.dtype(name) == "F32"
             np.testing.assert_array_equal(a.read(name).astype(np.float32), b.read(name))
             continue

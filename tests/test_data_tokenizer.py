@@ -26,7 +26,7 @@ def tok():
 
 def test_builtin_vocab_and_special_ids(tok):
     assert tok.vocab_size == 265 <= 512
-    # spec deepseek_v3.md §9: bos id 0, eos id 1 (ModelConfig's defaults too).
+    # docs/deepseek_v3.md §9: bos id 0, eos id 1 (ModelConfig's defaults too).
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
     assert tok.token_id(USER) == 3 and tok.token_id(ASSISTANT) == 4
     for tag in ("<think>", "</think>", "<answer>", "</answer>"):

@@ -1,5 +1,5 @@
 """The GRPO loss and its gradient against an independent float64 numpy transcription of the
-formula (specs/grpo.md), for every aggregation, with and without KL and clipping."""
+formula (docs/grpo.md), for every aggregation, with and without KL and clipping."""
 
 import itertools
 

@@ -30,7 +30,7 @@ def sharp_params(cfg, seed=0, std=0.15):
 
 
 def route_reference(x, w, bias, cfg):
-    """spec §5 transcribed in float64 numpy, one token at a time."""
+    """docs/deepseek_v3.md §5 transcribed in float64 numpy, one token at a time."""
     logits = x.astype(np.float64) @ w.astype(np.float64)
     E, k, G = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group
     all_w, all_ids = [], []
@@ -289,7 +289,7 @@ def test_mtp_is_causal_and_targets_are_shifted():
 
 def test_mtp_module_is_the_spec_composition():
     """Depth 1 = one decoder block over eh_proj([enorm(emb(t[i+1])); hnorm(h_main)]), then
-    shared_head norm + head (spec §6), built here from the layer functions."""
+    shared_head norm + head (docs/deepseek_v3.md §6), built here from the layer functions."""
     from r1jax.model.layers import rms_norm
 
     cfg = tiny()

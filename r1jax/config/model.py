@@ -335,7 +335,7 @@ class ModelConfig(_HFModel):
 
 @dataclasses.dataclass(frozen=True)
 class DenseConfig(_HFModel):
-    """A dense decoder-only student (the R1-Distill bases, spec §9): Qwen2 (GQA, q/k/v biases) or Llama
+    """A dense decoder-only student (the R1-Distill bases, docs/deepseek_v3.md §9): Qwen2 (GQA, q/k/v biases) or Llama
     (GQA, optional biases, llama3 RoPE scaling). Field names follow HF `Qwen2Config`/`LlamaConfig`; the
     defaults are Qwen2.5-Math-1.5B, the smallest R1-Distill base."""
 

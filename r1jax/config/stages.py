@@ -287,7 +287,7 @@ def _default_rewards():
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
     """GRPO (DeepSeekMath §4; R1) with DAPO's clip-higher, dynamic sampling and overlong handling,
-    and Dr.GRPO's unscaled advantages and fixed-length aggregation as options (specs/grpo.md)."""
+    and Dr.GRPO's unscaled advantages and fixed-length aggregation as options (docs/grpo.md)."""
 
     stage: Literal["grpo"] = "grpo"
     model: Optional[Union[ModelConfig, DenseConfig]] = None

@@ -1,4 +1,4 @@
-"""DeepSeek's FP8 release (spec §8): block-quantized linear weights, dequantized as they are read
+"""DeepSeek's FP8 release (docs/deepseek_v3.md §8): block-quantized linear weights, dequantized as they are read
 and quantized as they are written.
 
 A quantized weight `W [rows, cols]` is float8_e4m3fn with a float32 companion `W_scale_inv` of shape

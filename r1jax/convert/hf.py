@@ -121,7 +121,7 @@ def entries(cfg: ModelConfig) -> list[Entry]:
 
 
 def mtp_embed_names(cfg: ModelConfig) -> list[str]:
-    """The release stores the shared embedding again inside each MTP module (spec §6); dense students
+    """The release stores the shared embedding again inside each MTP module (docs/deepseek_v3.md §6); dense students
     (DenseConfig) have no MTP."""
     first, depth = cfg.num_hidden_layers, getattr(cfg, "num_nextn_predict_layers", 0)
     return [f"model.layers.{first + k}.embed_tokens.weight" for k in range(depth)]

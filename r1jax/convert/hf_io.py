@@ -97,7 +97,7 @@ def open_hf(path, dtype=None) -> HFCheckpoint:
     if getattr(cfg, "num_nextn_predict_layers", 0) and not any(
         n.startswith(f"model.layers.{cfg.num_hidden_layers}.") for n in source.names
     ):
-        # transformers saves no MTP module (spec §6): load the main model without one.
+        # transformers saves no MTP module (docs/deepseek_v3.md §6): load the main model without one.
         cfg = cfg.replace(num_nextn_predict_layers=0)
     hf.check_source(cfg, source, str(path))
     return HFCheckpoint(path, cfg, source)

@@ -1,6 +1,6 @@
 """Tokenizer (HF `tokenizers`) and the DeepSeek-R1 chat format.
 
-The R1 chat format (spec deepseek_v3.md §9, and the `chat_template` of DeepSeek-R1's
+The R1 chat format (docs/deepseek_v3.md §9, and the `chat_template` of DeepSeek-R1's
 tokenizer_config.json):
 
     <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜>{assistant}<｜end▁of▁sentence｜>...

@@ -1,5 +1,5 @@
 """GRPO: group-relative advantages, chunked token log-probs and the clipped policy loss with a k3
-KL penalty (DeepSeekMath §4.1; R1; DAPO and Dr.GRPO options). Facts: specs/grpo.md.
+KL penalty (DeepSeekMath §4.1; R1; DAPO and Dr.GRPO options). Facts: docs/grpo.md.
 
 Legend: N completions (P prompts × G) · T sequence positions · C chunk of positions · D model
 · V vocab.
