@@ -3,7 +3,7 @@
 from r1jax.api import forward, load_pretrained, save_pretrained
 from r1jax.config import DenseConfig, ModelConfig
 from r1jax.errors import CheckpointError, ConfigError, DataError, R1JaxError
-from r1jax.rl.sampler import generate
+from r1jax.infer.sampler import generate
 
 __all__ = [
     "ModelConfig", "DenseConfig", "forward", "generate", "load_pretrained", "save_pretrained",

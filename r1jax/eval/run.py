@@ -10,7 +10,8 @@ from r1jax.config import DataConfig, ModelConfig
 from r1jax.data import tasks
 from r1jax.data.pipeline import make_prompt_iterator
 from r1jax.eval.metrics import evaluate
-from r1jax.rl import rewards, sampler
+from r1jax.infer import sampler
+from r1jax.rl import rewards
 
 # verify(gold answer: str, completion: str) -> bool. The built-in: the completion's final answer
 # (<answer>, \boxed{} or after </think>) equals the gold one, integers compared as integers.
