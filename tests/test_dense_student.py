@@ -25,6 +25,7 @@ from r1jax.model import dense, forward_jit, rope
 from r1jax.model import params as P
 from r1jax import sample as sample_command
 from r1jax.infer import sampler
+from r1jax.model import kv_cache
 from r1jax.model import sharding
 from r1jax.rl import grpo
 from r1jax.train import losses
@@ -351,8 +352,8 @@ def test_gqa_cache_logits_equal_full_recomputation(models):
 
 def test_gqa_cache_size_and_modes(models):
     cfg = models["qwen2_gqa"].cfg
-    assert sampler.resolve_cache(cfg, None) == "gqa"
-    assert sampler.cache_bytes_per_token(cfg) == cfg.num_hidden_layers * 2 * 2 * (48 // 6) * 4  # k and v, G=2
+    assert kv_cache.resolve_cache(cfg, None) == "gqa"
+    assert kv_cache.cache_bytes_per_token(cfg) == cfg.num_hidden_layers * 2 * 2 * (48 // 6) * 4  # k and v, G=2
     before = sampler.TRACE_COUNT["generate"]
     with pytest.raises(ConfigError, match=r"cache: unknown mode 'latent'.*valid: gqa"):
         sampler.sample(models["qwen2_gqa"].params, cfg, PROMPTS, max_new_tokens=M, cache="latent")

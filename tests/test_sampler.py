@@ -16,6 +16,8 @@ from hf_reference import V2_CONFIGS, V3_CONFIGS, make_hf_model, rel_err, to_r1ja
 from r1jax.errors import ConfigError, DataError
 from r1jax import sample as sample_command
 from r1jax.infer import sampler
+from r1jax.infer import tokens as token_choice
+from r1jax.model import kv_cache
 
 PROMPTS = [[5, 17, 3, 40, 22], [9, 2, 61], [33, 8, 71, 4, 50, 12, 27]]  # ragged, all in bucket 8
 M = 8
@@ -116,9 +118,9 @@ def test_cached_logits_equal_full_recomputation(kind, request):
 def test_latent_cache_is_kv_lora_plus_rope_per_token(v3):
     cfg = v3.cfg
     per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
-    assert sampler.cache_bytes_per_token(cfg, "latent") == per_token
+    assert kv_cache.cache_bytes_per_token(cfg, "latent") == per_token
     expanded = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
-    assert sampler.cache_bytes_per_token(cfg, "expanded") == expanded
+    assert kv_cache.cache_bytes_per_token(cfg, "expanded") == expanded
 
 
 # --------------------------------------------------------------------------- sampling
@@ -170,7 +172,7 @@ def test_token_choice_follows_the_distribution_it_defines(temperature, top_p, to
     W, N = 12, 20000
     logits = np.random.RandomState(0).normal(0, 1.5, W).astype(np.float32)
     keys = jax.random.split(jax.random.key(42), N)
-    choose = jax.jit(sampler.choose_tokens, static_argnames=("greedy", "truncate"))
+    choose = jax.jit(token_choice.choose_tokens, static_argnames=("greedy", "truncate"))
     tokens, logp = choose(np.broadcast_to(logits, (N, W)), keys, np.float32(temperature), np.float32(top_p),
                           np.int32(top_k), greedy=False, truncate=top_p < 1 or top_k > 0)
     tokens = np.asarray(tokens)
@@ -184,7 +186,7 @@ def test_token_choice_follows_the_distribution_it_defines(temperature, top_p, to
 def test_truncation_on_a_hand_built_distribution():
     probs = np.array([[0.05, 0.5, 0.15, 0.3]])
     scaled = np.log(probs).astype(np.float32)
-    kept = lambda top_p, top_k: np.isfinite(np.asarray(sampler.truncate_logits(scaled, top_p, top_k)))[0].tolist()
+    kept = lambda top_p, top_k: np.isfinite(np.asarray(token_choice.truncate_logits(scaled, top_p, top_k)))[0].tolist()
     assert kept(0.7, 0) == [False, True, False, True]  # 0.5 < 0.7 keeps the 0.3 token, then 0.8 ≥ 0.7
     assert kept(0.4, 0) == [False, True, False, False]
     assert kept(0.9, 0) == [False, True, True, True]
@@ -194,7 +196,7 @@ def test_truncation_on_a_hand_built_distribution():
     # top-k alone keeps exactly k (rounding in the cumulative mass must not let top_p = 1 keep more).
     logits = np.random.RandomState(1).normal(0, 3, (64, 50)).astype(np.float32)
     for k in (1, 7, 49):
-        survivors = np.isfinite(np.asarray(sampler.truncate_logits(logits, np.float32(1.0), np.int32(k))))
+        survivors = np.isfinite(np.asarray(token_choice.truncate_logits(logits, np.float32(1.0), np.int32(k))))
         assert np.all(survivors.sum(-1) == k), k
 
 
@@ -325,7 +327,7 @@ def test_sample_file_writes_one_row_per_sample(v3, tmp_path):
     out = tmp_path / "out" / "samples.jsonl"
     before = sampler.TRACE_COUNT["generate"]
     n = sample_command.sample_file(model_dir, prompts, out, max_new_tokens=M, temperature=1.0, top_p=1.0, top_k=0,
-                            seed=3, num_samples=2, batch_size=4)
+                                   seed=3, num_samples=2, batch_size=4)
     assert sampler.TRACE_COUNT["generate"] <= before + 1  # one compile for the whole file
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert n == 4 and [(r["id"], r["prompt_index"], r["sample_index"]) for r in rows] == [
@@ -381,15 +383,15 @@ def test_sample_file_names_bad_rows(v3, tmp_path):
     bad.write_text('{"prompt_ids": [1, 2]}\n{"prompt": "w1 w2"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: .*no tokenizer.json"):
         sample_command.sample_file(v3.dir, bad, tmp_path / "o.jsonl", max_new_tokens=2, temperature=1.0, top_p=1.0,
-                            top_k=0, seed=0, num_samples=1, batch_size=2)
+                                   top_k=0, seed=0, num_samples=1, batch_size=2)
     bad.write_text('{"prompt_ids": [1, 2]}\n{"prompt_ids": [1, 2.5]}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: prompt_ids must be a list of ints"):
         sample_command.sample_file(v3.dir, bad, tmp_path / "o.jsonl", max_new_tokens=2, temperature=1.0, top_p=1.0,
-                            top_k=0, seed=0, num_samples=1, batch_size=2)
+                                   top_k=0, seed=0, num_samples=1, batch_size=2)
     bad.write_text('{"prompt_ids": [1, 2]}\n\n{"prompt_ids": [1, 500]}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:3: prompt\[1\] = 500 is outside the vocabulary"):
         sample_command.sample_file(v3.dir, bad, tmp_path / "o.jsonl", max_new_tokens=2, temperature=1.0, top_p=1.0,
-                            top_k=0, seed=0, num_samples=1, batch_size=2)
+                                   top_k=0, seed=0, num_samples=1, batch_size=2)
     assert not (tmp_path / "o.jsonl").exists()  # nothing written before the input is known to be good
 
 

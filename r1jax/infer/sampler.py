@@ -32,9 +32,9 @@ import r1jax.model.moe as moe
 import r1jax.model.rope as rope
 from r1jax.config import DenseConfig, ModelConfig
 from r1jax.errors import ConfigError, DataError
-from r1jax.infer.tokens import choose_tokens, step_keys, truncate_logits  # noqa: F401 (truncate_logits: public here)
+from r1jax.infer.tokens import choose_tokens, step_keys
 from r1jax.model.arch import architecture
-from r1jax.model.kv_cache import CacheMode, attend_cached, cache_bytes_per_token, cache_modes, resolve_cache  # noqa: F401
+from r1jax.model.kv_cache import CacheMode, attend_cached, cache_modes, resolve_cache
 from r1jax.model.sharding import param_shardings
 from r1jax.parallel import rules as rules_lib
 
