@@ -8,8 +8,9 @@ rotated width of a head (rope.py), and the name that picks its code elsewhere â€
 (`model.IMPLEMENTATIONS`) and its KV-cache modes (`kv_cache.CACHES`, default first). Everything that
 must know the architecture asks `architecture(cfg)`; nothing else tests the config's type.
 
-This module sits at the bottom of the model (it reads the config and the parameter tables only), so
-rope, params and the forward can all ask it.
+This module sits at the bottom of the model (it reads the config and the parameter tables only): rope
+asks it for the rotated width, and rope is under all attention code, so the code that runs a model
+cannot be imported here; it is looked up by the architecture's name, one table per kind of code.
 """
 
 from __future__ import annotations

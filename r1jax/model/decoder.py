@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from r1jax.model.arch import architecture
 from r1jax.model.layers import cast_tree, rms_norm, swiglu
 from r1jax.parallel.rules import constrain
 
@@ -56,6 +57,21 @@ def scan(body, h: jax.Array, xs, remat_policy: str = "none"):
     if remat_policy != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
     return jax.lax.scan(body, h, xs)
+
+
+def stack(params: dict, h: jax.Array, cfg, block):
+    """Every decoder group of cfg's architecture in order (`arch` layout), each scanned over its stacked
+    layers. block(layer params, h, is_moe) -> (h, stats or None) runs one layer. h [B,T,D] embedded ->
+    h [B,T,D] before the final norm, the MoE group's stats stacked per layer (None without one)."""
+    stats = None
+    for name, group in architecture(cfg).decoder_groups(cfg).items():
+        def body(carry, p, is_moe=group.moe):
+            return block(p, carry, is_moe)
+
+        h, out = scan(body, h, params[name], cfg.remat_policy)
+        if group.moe:
+            stats = out
+    return h, stats
 
 
 def embed(params: dict, tokens: jax.Array, cfg) -> jax.Array:

@@ -79,20 +79,16 @@ def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, 
 
 def block(p: dict, h: jax.Array, positions, segment_ids, cfg: DenseConfig) -> jax.Array:
     """One decoder layer. h [B,T,D] -> h [B,T,D]."""
-    attend_ = lambda pa, x: (attend(pa, x, positions, segment_ids, cfg), None)  # noqa: E731
-    h, _, _ = decoder.layer(p, h, cfg, attend_, decoder.dense_ffn)
+    attn = lambda pa, x: (attend(pa, x, positions, segment_ids, cfg), None)  # noqa: E731
+    h, _, _ = decoder.layer(p, h, cfg, attn, decoder.dense_ffn)
     return h
 
 
 def hidden(params: dict, tokens: jax.Array, cfg: DenseConfig, positions=None, segment_ids=None):
     """Embedding and every layer, before the final norm. -> h [B,T,D], None (no MoE statistics)."""
     positions, segment_ids = default_inputs(tokens, positions, segment_ids)
-
-    def body(carry, p):
-        return block(p, carry, positions, segment_ids, cfg), None
-
-    h, _ = decoder.scan(body, embed(params, tokens, cfg), params["layers"], cfg.remat_policy)
-    return h, None
+    layer = lambda p, h, is_moe: (block(p, h, positions, segment_ids, cfg), None)  # noqa: E731
+    return decoder.stack(params, embed(params, tokens, cfg), cfg, layer)
 
 
 def apply(params: dict, tokens: jax.Array, cfg: DenseConfig, positions=None, segment_ids=None,

@@ -39,24 +39,12 @@ def block(p: dict, h: jax.Array, positions, segment_ids, cfg: ModelConfig, is_mo
     return h, stats
 
 
-def _scan_blocks(stacked: dict, h, positions, segment_ids, cfg: ModelConfig, is_moe: bool):
-    """Run a stack of layers; stats come back stacked on a leading layer axis."""
-    def body(carry, p):
-        return block(p, carry, positions, segment_ids, cfg, is_moe)
-
-    return decoder.scan(body, h, stacked, cfg.remat_policy)
-
-
 def hidden(params: dict, tokens: jax.Array, cfg: ModelConfig, positions=None, segment_ids=None):
-    """Embedding and every layer, before the final norm. -> h [B,T,D], stats (per MoE layer)."""
+    """Embedding, the dense then the MoE layers, before the final norm. -> h [B,T,D], stats (per MoE
+    layer; None without MoE layers)."""
     positions, segment_ids = default_inputs(tokens, positions, segment_ids)
-    h = embed(params, tokens, cfg)
-    if "dense_layers" in params:
-        h, _ = _scan_blocks(params["dense_layers"], h, positions, segment_ids, cfg, is_moe=False)
-    stats = None
-    if "moe_layers" in params:
-        h, stats = _scan_blocks(params["moe_layers"], h, positions, segment_ids, cfg, is_moe=True)
-    return h, stats
+    layer = lambda p, h, is_moe: block(p, h, positions, segment_ids, cfg, is_moe)  # noqa: E731
+    return decoder.stack(params, embed(params, tokens, cfg), cfg, layer)
 
 
 def mtp_targets(tokens: jax.Array, segment_ids: jax.Array, depth: int):
