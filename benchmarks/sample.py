@@ -77,7 +77,7 @@ def best_time(fn, repeats: int) -> float:
 
 def time_r1jax(params, cfg, prompts, new_tokens, repeats, cache):
     """-> (tokens, best seconds, compile seconds) for one sampler call."""
-    from r1jax.rl import sampler
+    from r1jax.infer import sampler
 
     run = lambda: sampler.sample(params, cfg, prompts, max_new_tokens=new_tokens, temperature=0.0, cache=cache)
     start = time.perf_counter()
@@ -112,7 +112,7 @@ def bench_batch(hf, params, cfg, prompts, new_tokens, repeats, cache) -> dict:
 
 
 def cache_report(cfg) -> str:
-    from r1jax.rl.sampler import cache_bytes_per_token
+    from r1jax.model.kv_cache import cache_bytes_per_token
 
     L, R, H = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.num_attention_heads
     N, V = cfg.qk_nope_head_dim, cfg.v_head_dim

@@ -18,7 +18,7 @@ _LAZY = {
     "forward": "r1jax.api",
     "load_pretrained": "r1jax.api",
     "save_pretrained": "r1jax.api",
-    "generate": "r1jax.rl.sampler",
+    "generate": "r1jax.infer.sampler",
 }
 
 __all__ = [

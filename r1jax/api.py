@@ -41,10 +41,10 @@ def forward(params: dict, tokens, config: ModelConfig) -> jax.Array:
 
 
 def _param_shardings(mesh):
-    """cfg -> the params' NamedShardings on `mesh` (r1jax.parallel.rules), or None without a mesh."""
+    """cfg -> the params' NamedShardings on `mesh` (r1jax.model.sharding), or None without a mesh."""
     if mesh is None:
         return None
-    from r1jax.parallel.rules import param_shardings
+    from r1jax.model.sharding import param_shardings
 
     return lambda cfg: param_shardings(cfg, mesh)
 

@@ -31,7 +31,7 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from r1jax.rl.sampler import sample_file
+    from r1jax.sample import sample_file
 
     n = sample_file(args.ckpt, args.prompts, args.out, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,

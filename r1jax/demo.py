@@ -1,8 +1,10 @@
 """`r1jax demo`: the main job on its embedded default, with no downloads.
 
-Builds the tiny V3-architecture model (MLA + YaRN, grouped sigmoid routing, a dense layer, MTP),
-runs it, exports it to a Hugging Face directory, reads the export back and checks that the logits
-are bit-identical.
+The R1 recipe at toy scale on the built-in arithmetic task, as one pipeline (`demo_pipeline`; the
+same recipe as configs/pipeline/r1_tiny.yaml): cold-start SFT of a tiny V3-architecture MoE (MLA +
+YaRN, grouped sigmoid routing, a dense layer, MTP) → GRPO → rejection sampling → distillation into a
+dense student; every model stage evaluated on held-out problems. Prints the table and writes
+results.txt, results.json and demo.png.
 """
 
 from __future__ import annotations
@@ -10,13 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-
-import r1jax
-from r1jax.config import ModelConfig
-from r1jax.model import transformer
-from r1jax.model.params import count_params, init_params
+from r1jax.config import ModelConfig, PipelineConfig, from_dict
 
 # The embedded default (also in configs/model/tiny_v3.yaml; a test keeps the two equal).
 TINY_V3 = dict(
@@ -45,15 +41,11 @@ TINY_QWEN2_STUDENT = dict(
 
 
 def tiny_config() -> ModelConfig:
-    from r1jax.config import from_dict
-
     return from_dict(ModelConfig, TINY_V3)
 
 
-def demo_pipeline(out: str | Path) -> "PipelineConfig":
+def demo_pipeline(out: str | Path) -> PipelineConfig:
     """The embedded default of `r1jax demo` (configs/pipeline/r1_tiny.yaml is the same recipe)."""
-    from r1jax.config import PipelineConfig, from_dict
-
     # Three-operand sums and differences with a worked chain before the answer. Half the cold-start
     # answers are off by 1-3 from the chain's last line (answer_noise), so the SFT model learns the
     # chain (its last line is right ~74% of the time) but copies its result only part of the time:

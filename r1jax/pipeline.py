@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-import r1jax
+from r1jax import api
 from r1jax import config as config_lib
 from r1jax.config import GRPOConfig, PipelineConfig, RejectionConfig, StageKind, StageSpec, TrainConfig, check_names
 from r1jax.errors import ConfigError
@@ -64,12 +64,12 @@ def resolve_stage(cfg: PipelineConfig, i: int):
     if spec.kind == "rejection" and not d.get("init_from"):
         raise ConfigError(f"stages[{i}].config.init_from: a rejection stage needs a model (e.g. '@rl')")
     # YAML includes left as paths (a config built in Python) resolve from the working directory.
-    d = config_lib._resolve_includes(d, CLASSES[spec.kind], Path("."), f"stages[{i}].config.")
+    d = config_lib.resolve_includes(d, CLASSES[spec.kind], Path("."), f"stages[{i}].config.")
     return config_lib.from_dict(CLASSES[spec.kind], d, f"stages[{i}].config")
 
 
 def _final_model(cfg: PipelineConfig, name: str):
-    return r1jax.load_pretrained(checkpoint_dir(cfg, name))
+    return api.load_pretrained(checkpoint_dir(cfg, name))
 
 
 def evaluate_stage(cfg: PipelineConfig, model_cfg, params, tok) -> dict:
@@ -88,7 +88,7 @@ def evaluate_stage(cfg: PipelineConfig, model_cfg, params, tok) -> dict:
 
 def _export(cfg: PipelineConfig, name: str, model_cfg, params, tok) -> str:
     dst = stage_dir(cfg, name) / "hf"
-    r1jax.save_pretrained(dst, model_cfg, params, overwrite=True)
+    api.save_pretrained(dst, model_cfg, params, overwrite=True)
     tok.save(dst)
     return str(dst)
 
@@ -105,7 +105,7 @@ def run_stage(cfg: PipelineConfig, i: int, stage_cfg, tok) -> dict:
     elif spec.kind == "rejection":
         from r1jax.rl.rejection import rejection_sample
 
-        model_cfg, params = r1jax.load_pretrained(stage_cfg.init_from)
+        model_cfg, params = api.load_pretrained(stage_cfg.init_from)
         stats = rejection_sample(params, model_cfg, stage_cfg, tok, dataset_path(cfg, spec.name), progress=True)
         record.update(status="completed", kept=stats["kept"], samples=stats["samples"],
                       kept_fraction=stats["kept_fraction"], prompts=stats["prompts"])
@@ -168,6 +168,6 @@ def load_pipeline(path, overrides=()) -> PipelineConfig:
     base = Path(path).parent
     for i, st in enumerate(d.get("stages") or []):
         if isinstance(st, dict) and isinstance(st.get("config"), dict) and st.get("kind") in CLASSES:
-            st["config"] = config_lib._resolve_includes(st["config"], CLASSES[st["kind"]], base,
+            st["config"] = config_lib.resolve_includes(st["config"], CLASSES[st["kind"]], base,
                                                         f"stages[{i}].config.")
     return config_lib.from_dict(PipelineConfig, d)

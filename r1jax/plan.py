@@ -26,7 +26,9 @@ import jax.numpy as jnp
 from r1jax import config as config_lib
 from r1jax.config import ModelConfig, TrainConfig
 from r1jax.errors import ConfigError
-from r1jax.model.params import is_spec, moe_specs, param_table
+from r1jax.model.params import param_table
+from r1jax.model.sharding import replicated_dims
+from r1jax.model.specs import block_specs, is_spec
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules as rules_lib
 
@@ -89,8 +91,6 @@ def state_bytes(model: ModelConfig, rules, sizes: dict[str, int]) -> dict[str, f
 def _gathered_layer(model: ModelConfig, rules, sizes) -> float:
     """One MoE layer's weights as the layer computes with them: FSDP dims gathered, expert and tensor
     splits kept, in the compute dtype."""
-    from r1jax.model.params import block_specs
-
     fsdp_names = {"embed", "q_lora", "kv_lora", "mtp_concat"}
     total = 0.0
     layer = block_specs(model, moe=model.n_routed_experts > 0)
@@ -214,7 +214,7 @@ def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, na
         platform = hardware.platform if hardware else local[0].platform
         lower_step(cfg, m, mesh, platform)
         result.lowered_for = platform
-    result.replicated = rules_lib.replicated_dims(m, mesh, cfg.mesh)
+    result.replicated = replicated_dims(m, mesh, cfg.mesh)
     return result
 
 

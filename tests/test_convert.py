@@ -417,9 +417,9 @@ def test_sharded_fp8_load_matches_unsharded(fp8_release, mesh):
 
 def test_load_pretrained_with_a_mesh_uses_the_parallel_rules(hf_dirs, mesh, monkeypatch):
     src, _, params = hf_dirs["bfloat16"]
-    rules = types.ModuleType("r1jax.parallel.rules")
-    rules.param_shardings = _shardings  # stands in for r1jax.parallel.rules, written elsewhere
-    monkeypatch.setitem(sys.modules, "r1jax.parallel.rules", rules)
+    rules = types.ModuleType("r1jax.model.sharding")
+    rules.param_shardings = _shardings  # stands in for r1jax.model.sharding, written elsewhere
+    monkeypatch.setitem(sys.modules, "r1jax.model.sharding", rules)
     _, loaded = r1jax.load_pretrained(src, mesh=mesh)
     assert loaded["embed"].sharding.spec == P("model", "data")
     assert_trees_equal(loaded, params)

@@ -23,7 +23,11 @@ from r1jax.convert import hf
 from r1jax.errors import ConfigError
 from r1jax.model import dense, forward_jit, rope
 from r1jax.model import params as P
-from r1jax.rl import grpo, sampler
+from r1jax import sample as sample_command
+from r1jax.infer import sampler
+from r1jax.model import kv_cache
+from r1jax.model import sharding
+from r1jax.rl import grpo
 from r1jax.train import losses
 from r1jax.train import optimizer as opt_lib
 from r1jax.train.step import StepOptions, init_state, make_train_step
@@ -298,8 +302,8 @@ def test_student_on_a_tensor_parallel_mesh_equals_one_device():
     (one, _), g_one = jax.device_get(f(params, batch))
     mesh_cfg = MeshConfig(data=1, fsdp=2, tensor=4)
     mesh = mesh_lib.build_mesh(mesh_cfg)
-    assert any("['attn']['k']" in r and "tensor=4" in r for r in rules.replicated_dims(cfg, mesh, mesh_cfg))
-    sharded = jax.device_put(params, rules.param_shardings(cfg, mesh, mesh_cfg))
+    assert any("['attn']['k']" in r and "tensor=4" in r for r in sharding.replicated_dims(cfg, mesh, mesh_cfg))
+    sharded = jax.device_put(params, sharding.param_shardings(cfg, mesh, mesh_cfg))
     assert sharded["layers"]["attn"]["q"].sharding.spec[2] == "tensor"
     with rules.sharding_context(mesh, mesh_cfg):
         (many, _), g_many = jax.device_get(f(sharded, batch))
@@ -348,8 +352,8 @@ def test_gqa_cache_logits_equal_full_recomputation(models):
 
 def test_gqa_cache_size_and_modes(models):
     cfg = models["qwen2_gqa"].cfg
-    assert sampler.resolve_cache(cfg, None) == "gqa"
-    assert sampler.cache_bytes_per_token(cfg) == cfg.num_hidden_layers * 2 * 2 * (48 // 6) * 4  # k and v, G=2
+    assert kv_cache.resolve_cache(cfg, None) == "gqa"
+    assert kv_cache.cache_bytes_per_token(cfg) == cfg.num_hidden_layers * 2 * 2 * (48 // 6) * 4  # k and v, G=2
     before = sampler.TRACE_COUNT["generate"]
     with pytest.raises(ConfigError, match=r"cache: unknown mode 'latent'.*valid: gqa"):
         sampler.sample(models["qwen2_gqa"].params, cfg, PROMPTS, max_new_tokens=M, cache="latent")
@@ -395,7 +399,7 @@ def test_hub_style_configs_round_trip_and_match_the_yaml_files():
     assert {k: out[k] for k in LLAMA31_JSON} == LLAMA31_JSON and set(out) - set(LLAMA31_JSON) == {"pad_token_id"}
     assert llama.hf_rope_key == "rope_scaling"
     assert llama.rope_type == "llama3" and llama.eos_token_id is None and llama.kv_groups == 4
-    assert sampler._default_stops(llama) == (128001, [128008, 128009])  # every listed eos stops
+    assert sample_command._default_stops(llama) == (128001, [128008, 128009])  # every listed eos stops
     qwen = config_from_hf(QWEN_MATH_JSON)
     out = qwen.to_hf_config()
     assert {k: out[k] for k in QWEN_MATH_JSON} == QWEN_MATH_JSON

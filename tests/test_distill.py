@@ -261,6 +261,7 @@ def test_teacher_loads_from_orbax_or_hf_into_the_runs_shardings(tmp_path, teache
     from r1jax.api import load_pretrained, save_pretrained
     from r1jax.config import MeshConfig
     from r1jax.parallel import mesh as mesh_lib
+    from r1jax.model import sharding
     from r1jax.parallel import rules as rules_lib
     from r1jax.train.loop import load_teacher, teacher_config
 
@@ -272,7 +273,7 @@ def test_teacher_loads_from_orbax_or_hf_into_the_runs_shardings(tmp_path, teache
         dcfg = DistillConfig(str(path))
         got_cfg = teacher_config(dcfg, _student(), rules_lib.mesh_sizes(mesh))
         assert got_cfg.vocab_size == tcfg.vocab_size and got_cfg.n_routed_experts == tcfg.n_routed_experts
-        shardings = rules_lib.param_shardings(got_cfg, mesh, mesh_cfg)
+        shardings = sharding.param_shardings(got_cfg, mesh, mesh_cfg)
         got = load_teacher(dcfg, shardings)
         flat_got = dict(jax.tree_util.tree_flatten_with_path(got)[0])
         flat_sh = dict(jax.tree_util.tree_flatten_with_path(shardings)[0])

@@ -14,8 +14,8 @@ import pytest
 from r1jax import config
 from r1jax.checkpoint.orbax_io import load_model
 from r1jax.config import MeshConfig
+from r1jax.model import sharding
 from r1jax.parallel import mesh as mesh_lib
-from r1jax.parallel import rules
 from r1jax.train.loop import train
 from r1jax.train.metrics import read_metrics
 
@@ -65,5 +65,5 @@ def test_two_processes_train_save_restore_and_match_one_process(tmp_path):
     cfg, params = load_model(run / "checkpoints", mesh=mesh)
     _, ref = load_model(tmp_path / "one" / "checkpoints")
     gate = params["moe_layers"]["mlp"]["experts"]["gate"]
-    assert gate.sharding.spec == rules.param_shardings(cfg, mesh)["moe_layers"]["mlp"]["experts"]["gate"].spec
+    assert gate.sharding.spec == sharding.param_shardings(cfg, mesh)["moe_layers"]["mlp"]["experts"]["gate"].spec
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params, ref)

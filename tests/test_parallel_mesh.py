@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 from r1jax import config
 from r1jax.config import DEFAULT_RULES, MeshConfig, ModelConfig, TrainConfig
 from r1jax.errors import ConfigError
+from r1jax.model import sharding
 from r1jax.model.params import is_spec, param_table
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules
@@ -128,11 +129,11 @@ def test_specs_follow_priority_and_fall_back_to_replicated_when_not_divisible():
 def test_param_shardings_on_a_mesh_and_the_fallback_report():
     cfg = tiny(kv_lora_rank=30)  # kv_a's kv_lora dim is 30 + 16 = 46: not divisible by 4
     mesh = mesh_lib.build_mesh(MeshConfig(data=1, fsdp=2, expert=2, tensor=2))
-    sh = rules.param_shardings(cfg, mesh)
+    sh = sharding.param_shardings(cfg, mesh)
     assert sh["moe_layers"]["mlp"]["experts"]["gate"].spec == P(None, "expert", "fsdp", "tensor")
     assert sh["moe_layers"]["attn"]["q_b"].spec == P(None, ("fsdp", "expert"), "tensor", None)
     assert sh["moe_layers"]["mlp"]["router_bias"].spec == P(None, None)
-    report = rules.replicated_dims(cfg, mesh)
+    report = sharding.replicated_dims(cfg, mesh)
     assert any("kv_b" in r and "kv_lora=30" in r and "not split over expert=2" in r for r in report), report
 
 

@@ -12,9 +12,8 @@ import pytest
 from r1jax import config
 from r1jax.config import MeshConfig, ModelConfig
 from r1jax.errors import ConfigError
-from r1jax.model import transformer
+from r1jax.model import experts, sharding, transformer
 from r1jax.model.params import init_params
-from r1jax.parallel import experts
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules
 from r1jax.train import optimizer
@@ -56,7 +55,7 @@ def logits_and_grads(cfg, mesh_cfg=None):
     if mesh_cfg is None:
         return jax.device_get(f(params, tokens))
     mesh = mesh_lib.build_mesh(mesh_cfg)
-    params = jax.device_put(params, rules.param_shardings(cfg, mesh, mesh_cfg))
+    params = jax.device_put(params, sharding.param_shardings(cfg, mesh, mesh_cfg))
     with rules.sharding_context(mesh, mesh_cfg):
         logits, grads = f(params, tokens)
     return jax.device_get((logits, grads))
@@ -125,7 +124,7 @@ def test_capacity_drops_are_counted_across_the_exchange():
     mesh = mesh_lib.build_mesh(mesh_cfg)
     with rules.sharding_context(mesh, mesh_cfg):
         stats = jax.jit(lambda p, t: transformer.apply(p, t, cfg)["moe"])(
-            jax.device_put(params, rules.param_shardings(cfg, mesh)), tokens)
+            jax.device_put(params, sharding.param_shardings(cfg, mesh)), tokens)
     # The same tokens, one device's share (one row) at a time, each with its own slots.
     local = cfg.replace(moe_dispatch="capacity")
     per_row = jax.jit(jax.vmap(lambda t: transformer.apply(params, t[None], local)["moe"]["dropped"]))(tokens)

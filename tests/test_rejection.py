@@ -11,7 +11,8 @@ from r1jax.config import RejectionConfig
 from r1jax.data.tokenizer import load_tokenizer
 from r1jax.demo import tiny_config
 from r1jax.model.params import init_params
-from r1jax.rl import rejection, sampler
+from r1jax.infer import sampler
+from r1jax.rl import rejection
 
 
 class Killed(Exception):

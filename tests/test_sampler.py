@@ -14,7 +14,10 @@ import torch
 import r1jax
 from hf_reference import V2_CONFIGS, V3_CONFIGS, make_hf_model, rel_err, to_r1jax
 from r1jax.errors import ConfigError, DataError
-from r1jax.rl import sampler
+from r1jax import sample as sample_command
+from r1jax.infer import sampler
+from r1jax.infer import tokens as token_choice
+from r1jax.model import kv_cache
 
 PROMPTS = [[5, 17, 3, 40, 22], [9, 2, 61], [33, 8, 71, 4, 50, 12, 27]]  # ragged, all in bucket 8
 M = 8
@@ -81,7 +84,7 @@ def _log_softmax(x):
 def test_greedy_generate_matches_transformers(kind, request):
     m = request.getfixturevalue(kind)
     prompts = prompts_for(m)
-    out = r1jax.rl.generate(m.params, m.cfg, prompts, max_new_tokens=M)
+    out = sampler.generate(m.params, m.cfg, prompts, max_new_tokens=M)
     assert out.dtype == np.int32 and out.shape == (len(prompts), M)
     for b, prompt in enumerate(prompts):  # HF per row, unpadded
         with torch.no_grad():
@@ -115,9 +118,9 @@ def test_cached_logits_equal_full_recomputation(kind, request):
 def test_latent_cache_is_kv_lora_plus_rope_per_token(v3):
     cfg = v3.cfg
     per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
-    assert sampler.cache_bytes_per_token(cfg, "latent") == per_token
+    assert kv_cache.cache_bytes_per_token(cfg, "latent") == per_token
     expanded = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4
-    assert sampler.cache_bytes_per_token(cfg, "expanded") == expanded
+    assert kv_cache.cache_bytes_per_token(cfg, "expanded") == expanded
 
 
 # --------------------------------------------------------------------------- sampling
@@ -134,12 +137,12 @@ def test_sampled_logprobs_match_full_forward_and_seed_is_reproducible(v3):
     np.testing.assert_array_equal(out.logprobs, again.logprobs)
     other = sampler.sample(v3.params, v3.cfg, PROMPTS, seed=4, **kw)
     assert (other.tokens != out.tokens).any()
-    greedy = r1jax.rl.generate(v3.params, v3.cfg, PROMPTS, max_new_tokens=M)
+    greedy = sampler.generate(v3.params, v3.cfg, PROMPTS, max_new_tokens=M)
     assert (out.tokens != greedy).any()  # temperature 1 really samples
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy_in_the_loop(v3):
-    greedy = r1jax.rl.generate(v3.params, v3.cfg, PROMPTS, max_new_tokens=M)
+    greedy = sampler.generate(v3.params, v3.cfg, PROMPTS, max_new_tokens=M)
     for kw in (dict(top_k=1), dict(top_p=1e-6)):
         out = sampler.sample(v3.params, v3.cfg, PROMPTS, max_new_tokens=M, temperature=0.7, seed=5, **kw)
         np.testing.assert_array_equal(out.tokens, greedy, err_msg=str(kw))
@@ -169,7 +172,7 @@ def test_token_choice_follows_the_distribution_it_defines(temperature, top_p, to
     W, N = 12, 20000
     logits = np.random.RandomState(0).normal(0, 1.5, W).astype(np.float32)
     keys = jax.random.split(jax.random.key(42), N)
-    choose = jax.jit(sampler.choose_tokens, static_argnames=("greedy", "truncate"))
+    choose = jax.jit(token_choice.choose_tokens, static_argnames=("greedy", "truncate"))
     tokens, logp = choose(np.broadcast_to(logits, (N, W)), keys, np.float32(temperature), np.float32(top_p),
                           np.int32(top_k), greedy=False, truncate=top_p < 1 or top_k > 0)
     tokens = np.asarray(tokens)
@@ -183,7 +186,7 @@ def test_token_choice_follows_the_distribution_it_defines(temperature, top_p, to
 def test_truncation_on_a_hand_built_distribution():
     probs = np.array([[0.05, 0.5, 0.15, 0.3]])
     scaled = np.log(probs).astype(np.float32)
-    kept = lambda top_p, top_k: np.isfinite(np.asarray(sampler.truncate_logits(scaled, top_p, top_k)))[0].tolist()
+    kept = lambda top_p, top_k: np.isfinite(np.asarray(token_choice.truncate_logits(scaled, top_p, top_k)))[0].tolist()
     assert kept(0.7, 0) == [False, True, False, True]  # 0.5 < 0.7 keeps the 0.3 token, then 0.8 ≥ 0.7
     assert kept(0.4, 0) == [False, True, False, False]
     assert kept(0.9, 0) == [False, True, True, True]
@@ -193,7 +196,7 @@ def test_truncation_on_a_hand_built_distribution():
     # top-k alone keeps exactly k (rounding in the cumulative mass must not let top_p = 1 keep more).
     logits = np.random.RandomState(1).normal(0, 3, (64, 50)).astype(np.float32)
     for k in (1, 7, 49):
-        survivors = np.isfinite(np.asarray(sampler.truncate_logits(logits, np.float32(1.0), np.int32(k))))
+        survivors = np.isfinite(np.asarray(token_choice.truncate_logits(logits, np.float32(1.0), np.int32(k))))
         assert np.all(survivors.sum(-1) == k), k
 
 
@@ -211,7 +214,7 @@ def _expected_after_stop(tokens, stops, fill):
 
 
 def test_eos_and_per_row_stop_ids(v3):
-    free = r1jax.rl.generate(v3.params, v3.cfg, PROMPTS, max_new_tokens=M)
+    free = sampler.generate(v3.params, v3.cfg, PROMPTS, max_new_tokens=M)
     eos = int(next(t for j, t in enumerate(free[0]) if j > 0 and t not in free[0][:j]))
     out = sampler.sample(v3.params, v3.cfg, PROMPTS, max_new_tokens=M, temperature=0.0, eos_id=eos)
     expected, lengths = _expected_after_stop(free, [[eos]] * 3, eos)
@@ -220,7 +223,7 @@ def test_eos_and_per_row_stop_ids(v3):
     np.testing.assert_array_equal(out.finished, lengths < M)
     assert out.finished[0] and out.finish_reasons[0] == "stop"
     assert np.all(out.logprobs[0, lengths[0]:] == 0)
-    np.testing.assert_array_equal(r1jax.rl.generate(v3.params, v3.cfg, PROMPTS, max_new_tokens=M, eos_id=eos),
+    np.testing.assert_array_equal(sampler.generate(v3.params, v3.cfg, PROMPTS, max_new_tokens=M, eos_id=eos),
                                   expected)
 
     stops = [[int(free[0][3])], [int(free[1][1])], []]
@@ -234,8 +237,8 @@ def test_eos_and_per_row_stop_ids(v3):
 def test_capacity_dispatch_samples_dropless(v3):
     """With one slot per expert (capacity 1.25 · 3 rows · 2 / 8 experts), capacity dispatch would drop
     decode tokens; the sampler runs the dropless strategy, so the tokens match ragged dispatch."""
-    greedy = r1jax.rl.generate(v3.params, v3.cfg, PROMPTS, max_new_tokens=M)
-    capped = r1jax.rl.generate(v3.params, v3.cfg.replace(moe_dispatch="capacity"), PROMPTS, max_new_tokens=M)
+    greedy = sampler.generate(v3.params, v3.cfg, PROMPTS, max_new_tokens=M)
+    capped = sampler.generate(v3.params, v3.cfg.replace(moe_dispatch="capacity"), PROMPTS, max_new_tokens=M)
     np.testing.assert_array_equal(capped, greedy)
 
 
@@ -243,12 +246,12 @@ def test_prompt_array_input_and_bucketing_avoid_recompiles(v3):
     count = lambda: sampler.TRACE_COUNT["generate"]
     a = np.array([[5, 17, 3, 40, 22], [9, 2, 61, 7, 7]], np.int32)  # length 5 -> bucket 8
     before = count()
-    first = r1jax.rl.generate(v3.params, v3.cfg, a, max_new_tokens=3)
+    first = sampler.generate(v3.params, v3.cfg, a, max_new_tokens=3)
     assert count() == before + 1
-    second = r1jax.rl.generate(v3.params, v3.cfg, [[1, 2, 3, 4, 5, 6, 7], [8]], max_new_tokens=3)  # still 8
+    second = sampler.generate(v3.params, v3.cfg, [[1, 2, 3, 4, 5, 6, 7], [8]], max_new_tokens=3)  # still 8
     assert count() == before + 1 and second.shape == (2, 3)
     assert sampler.prompt_bucket(9) == 16 and sampler.prompt_bucket(3) == 8
-    again = r1jax.rl.generate(v3.params, v3.cfg, [list(r) for r in a], max_new_tokens=3)
+    again = sampler.generate(v3.params, v3.cfg, [list(r) for r in a], max_new_tokens=3)
     np.testing.assert_array_equal(first, again)
     assert count() == before + 1
 
@@ -276,7 +279,7 @@ def test_expert_parallel_capacity_samples_dropless_on_an_expert_mesh(v3):
     which has no ragged all-to-all, capacity_ep with every expert able to take every local token."""
     from r1jax.config import MeshConfig
     from r1jax.parallel import mesh as mesh_lib
-    from r1jax.parallel import rules
+    from r1jax.model import sharding
 
     mesh_cfg = MeshConfig(data=2, expert=4)
     mesh = mesh_lib.build_mesh(mesh_cfg)
@@ -289,7 +292,7 @@ def test_expert_parallel_capacity_samples_dropless_on_an_expert_mesh(v3):
 
     kw = dict(max_new_tokens=M, temperature=1.0, seed=3)
     one = sampler.sample(v3.params, v3.cfg, PROMPTS, **kw)  # ragged: the dropless reference
-    placed = jax.device_put(v3.params, rules.param_shardings(capped, mesh, mesh_cfg))
+    placed = jax.device_put(v3.params, sharding.param_shardings(capped, mesh, mesh_cfg))
     many = sampler.sample(placed, capped, PROMPTS, mesh=mesh, rules=mesh_cfg, **kw)
     np.testing.assert_array_equal(many.tokens, one.tokens)
     np.testing.assert_allclose(many.logprobs, one.logprobs, atol=1e-5)
@@ -323,8 +326,8 @@ def test_sample_file_writes_one_row_per_sample(v3, tmp_path):
                        + json.dumps({"prompt": " ".join(f"w{t}" for t in PROMPTS[1]), "id": "b"}) + "\n")
     out = tmp_path / "out" / "samples.jsonl"
     before = sampler.TRACE_COUNT["generate"]
-    n = sampler.sample_file(model_dir, prompts, out, max_new_tokens=M, temperature=1.0, top_p=1.0, top_k=0,
-                            seed=3, num_samples=2, batch_size=4)
+    n = sample_command.sample_file(model_dir, prompts, out, max_new_tokens=M, temperature=1.0, top_p=1.0, top_k=0,
+                                   seed=3, num_samples=2, batch_size=4)
     assert sampler.TRACE_COUNT["generate"] <= before + 1  # one compile for the whole file
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert n == 4 and [(r["id"], r["prompt_index"], r["sample_index"]) for r in rows] == [
@@ -379,16 +382,16 @@ def test_sample_file_names_bad_rows(v3, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt_ids": [1, 2]}\n{"prompt": "w1 w2"}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: .*no tokenizer.json"):
-        sampler.sample_file(v3.dir, bad, tmp_path / "o.jsonl", max_new_tokens=2, temperature=1.0, top_p=1.0,
-                            top_k=0, seed=0, num_samples=1, batch_size=2)
+        sample_command.sample_file(v3.dir, bad, tmp_path / "o.jsonl", max_new_tokens=2, temperature=1.0, top_p=1.0,
+                                   top_k=0, seed=0, num_samples=1, batch_size=2)
     bad.write_text('{"prompt_ids": [1, 2]}\n{"prompt_ids": [1, 2.5]}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:2: prompt_ids must be a list of ints"):
-        sampler.sample_file(v3.dir, bad, tmp_path / "o.jsonl", max_new_tokens=2, temperature=1.0, top_p=1.0,
-                            top_k=0, seed=0, num_samples=1, batch_size=2)
+        sample_command.sample_file(v3.dir, bad, tmp_path / "o.jsonl", max_new_tokens=2, temperature=1.0, top_p=1.0,
+                                   top_k=0, seed=0, num_samples=1, batch_size=2)
     bad.write_text('{"prompt_ids": [1, 2]}\n\n{"prompt_ids": [1, 500]}\n')
     with pytest.raises(DataError, match=r"bad.jsonl:3: prompt\[1\] = 500 is outside the vocabulary"):
-        sampler.sample_file(v3.dir, bad, tmp_path / "o.jsonl", max_new_tokens=2, temperature=1.0, top_p=1.0,
-                            top_k=0, seed=0, num_samples=1, batch_size=2)
+        sample_command.sample_file(v3.dir, bad, tmp_path / "o.jsonl", max_new_tokens=2, temperature=1.0, top_p=1.0,
+                                   top_k=0, seed=0, num_samples=1, batch_size=2)
     assert not (tmp_path / "o.jsonl").exists()  # nothing written before the input is known to be good
 
 

@@ -158,7 +158,7 @@ def _restore_target(cfg: ModelConfig, mesh, shardings):
     """param_shapes(cfg) with a sharding on every leaf, so orbax reads each shard straight into place."""
     shapes = param_shapes(cfg)
     if shardings is None and mesh is not None:
-        from r1jax.parallel.rules import param_shardings
+        from r1jax.model.sharding import param_shardings
 
         shardings = param_shardings(cfg, mesh)
     if shardings is None:

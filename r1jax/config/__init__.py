@@ -11,7 +11,7 @@ Strategy names (moe_dispatch, remat_policy, packing, ...) are Literals here; the
 they choose between live beside the code and are checked against them with `check_names` at import.
 """
 
-from r1jax.config.loader import (UNION_BUILDERS, Choice, FrozenDict, _resolve_includes, apply_overrides,
+from r1jax.config.loader import (UNION_BUILDERS, Choice, FrozenDict, resolve_includes, apply_overrides,
                                  check_choice, check_names, from_dict, load, load_dict, names, need,
                                  parse_override, read_yaml, thaw, to_dict)
 from r1jax.config.mesh import DCN_AXES, DEFAULT_RULES, MESH_AXES, MeshConfig

@@ -286,7 +286,7 @@ def read_yaml(path) -> dict:
     return d
 
 
-def _resolve_includes(d, cls, base: Path, path: str):
+def resolve_includes(d, cls, base: Path, path: str):
     """A dataclass-typed field may name a YAML file (`model: configs/model/tiny_v3.yaml`), looked
     up beside the including file, then from the working directory. Resolved before overrides, so
     `model.num_hidden_layers=2` reaches inside it."""
@@ -308,15 +308,15 @@ def _resolve_includes(d, cls, base: Path, path: str):
             if found is None:
                 raise ConfigError(f"{path}{key}: included file {value!r} not found (looked in {base} and the "
                                   f"working directory)")
-            out[key] = _resolve_includes(read_yaml(found), sub, found.parent, f"{path}{key}.")
+            out[key] = resolve_includes(read_yaml(found), sub, found.parent, f"{path}{key}.")
         elif isinstance(value, dict):
-            out[key] = _resolve_includes(value, sub, base, f"{path}{key}.")
+            out[key] = resolve_includes(value, sub, base, f"{path}{key}.")
     return out
 
 
 def load_dict(cls, path, overrides: list[str] = ()) -> dict:
     """The YAML file as a dict with includes resolved and overrides applied."""
-    d = _resolve_includes(read_yaml(path), cls, Path(path).parent, "")
+    d = resolve_includes(read_yaml(path), cls, Path(path).parent, "")
     return apply_overrides(d, list(overrides))
 
 

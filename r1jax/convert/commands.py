@@ -30,11 +30,12 @@ import numpy as np
 from tqdm import tqdm
 
 from r1jax.checkpoint import orbax_io
-from r1jax.config import DTYPES, ModelConfig
+from r1jax.config import DTYPES
 from r1jax.convert import fp8, hf, hf_io, orbax_stream
 from r1jax.convert.atomic import AtomicDir
 from r1jax.convert.safetensors_io import ShardedWriter
 from r1jax.errors import CheckpointError, ConfigError
+from r1jax.model.arch import DEEPSEEK, architecture
 from r1jax.model.params import param_dtype
 
 MIN_CHUNK_BYTES = 4 << 20  # smallest stored chunk: per-file costs make kilobyte chunks ~5x slower
@@ -213,7 +214,7 @@ def _quantize(quantize, cfg) -> str | None:
         return None
     if quantize not in QUANTIZE:
         raise ConfigError(f"quantize: expected one of {', '.join(QUANTIZE)}, got {quantize!r}")
-    if not isinstance(cfg, ModelConfig):
+    if architecture(cfg) is not DEEPSEEK:
         raise ConfigError(f"quantize: {quantize} writes DeepSeek's FP8 release format; a {cfg.model_type} "
                           f"model has none")
     return quantize

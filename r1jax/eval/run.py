@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
+import jax
 import numpy as np
 
-from r1jax import plugins
+from r1jax import api, plugins
 from r1jax.config import DataConfig, ModelConfig, VerifierName, check_names
 from r1jax.data import tasks
 from r1jax.data.pipeline import make_prompt_iterator
-from r1jax.data.tokenizer import completion_texts
-from r1jax.eval.metrics import evaluate
-from r1jax.rl import sampler
+from r1jax.data.tokenizer import completion_texts, load_tokenizer
+from r1jax.eval.metrics import evaluate, format_table, results_table, write_jsonl
+from r1jax.infer import sampler
+from r1jax.parallel import mesh as mesh_lib
 
 # verify(gold answer: str, completion: str) -> bool. The built-in: the completion's final answer
 # (<answer>, \boxed{} or after </think>) equals the gold one, integers compared as integers.
@@ -65,22 +69,11 @@ def evaluate_model(params, model_cfg: ModelConfig, prompts: DataConfig, tok, *, 
 
 def run_eval(cfg) -> dict:
     """`r1jax eval`: evaluate cfg.model on cfg.prompts; print and write the results table."""
-    import json
-    from pathlib import Path
-
-    import r1jax
-    from r1jax.data.tokenizer import load_tokenizer
-    from r1jax.eval.metrics import format_table, results_table, write_jsonl
-
-    import jax
-
-    from r1jax.parallel import mesh as mesh_lib
-
     mesh_lib.initialize_distributed()
     mesh = mesh_lib.build_mesh(cfg.mesh)
-    mesh_lib.check_model(r1jax.api.read_config(cfg.model), dict(mesh.shape))  # before loading any weight
+    mesh_lib.check_model(api.read_config(cfg.model), dict(mesh.shape))  # before loading any weight
     verify = resolve_verifier(cfg.verifier)  # checked at config load too; imported before any weight
-    model_cfg, params = r1jax.load_pretrained(cfg.model, mesh=mesh)
+    model_cfg, params = api.load_pretrained(cfg.model, mesh=mesh)
     tok = load_tokenizer(cfg.prompts.tokenizer)
     summary, records = evaluate_model(params, model_cfg, cfg.prompts, tok, num_samples=cfg.num_samples,
                                       temperature=cfg.temperature, top_p=cfg.top_p,

@@ -1,8 +1,12 @@
-"""The model as pure functions over a params pytree, for either architecture: DeepSeek-V3/V2
-(`transformer`, configured by a ModelConfig) or a dense R1-Distill student (`dense`, a DenseConfig).
-Both keep one contract, so callers (losses, GRPO, the sampler, the API) pass the config and need not
-know which: `apply` -> {"logits", "moe"}, `hidden` -> (h before the final norm, MoE stats or None),
-`head`, `lm_head_weight`."""
+"""The model as pure functions over a params pytree, for either architecture (`arch.architecture(cfg)`):
+DeepSeek-V3/V2 (`transformer`, configured by a ModelConfig) or a dense R1-Distill student (`dense`, a
+DenseConfig). Both keep one contract, so callers (losses, GRPO, the sampler, the API) pass the config
+and need not know which: `apply` -> {"logits", "moe"}, `hidden` -> (h before the final norm, MoE stats
+or None), `head`, `lm_head_weight`.
+
+Inside the package, modules import each other by full module path (`import r1jax.model.rope as rope`),
+never through this package, which imports them.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +14,18 @@ import functools
 
 import jax
 
-from r1jax.config import DenseConfig
+import r1jax.model.dense as dense
+import r1jax.model.transformer as transformer
+from r1jax.model.arch import architecture as _arch
+from r1jax.model.decoder import head, lm_head_weight
+
+# Architecture name (arch.py) -> the module that runs it: apply, hidden, block, and mtp where it has one.
+IMPLEMENTATIONS = {"deepseek": transformer, "dense": dense}
 
 
 def architecture(cfg):
-    """The module that implements cfg's architecture: `dense` for a DenseConfig, else `transformer`."""
-    # Imported on use: params.py and parallel/rules.py import this package, and the model imports them.
-    from r1jax.model import dense, transformer
-
-    return dense if isinstance(cfg, DenseConfig) else transformer
+    """The module that implements cfg's architecture: `transformer` or `dense`."""
+    return IMPLEMENTATIONS[_arch(cfg).name]
 
 
 def apply(params: dict, tokens: jax.Array, cfg, positions=None, segment_ids=None, with_mtp: bool = False) -> dict:
@@ -31,21 +38,10 @@ def hidden(params: dict, tokens: jax.Array, cfg, positions=None, segment_ids=Non
     return architecture(cfg).hidden(params, tokens, cfg, positions, segment_ids)
 
 
-def head(w: jax.Array, norm_w: jax.Array, h: jax.Array, cfg) -> jax.Array:
-    """Final norm + projection to the vocabulary (the same for both). h [B,T,D] -> logits [B,T,V] f32."""
-    from r1jax.model import transformer
-
-    return transformer.head(w, norm_w, h, cfg)
-
-
-def lm_head_weight(params: dict) -> jax.Array:
-    """[D,V]: the head, or the transposed embedding when tied."""
-    from r1jax.model import transformer
-
-    return transformer.lm_head_weight(params)
-
-
 @functools.partial(jax.jit, static_argnames="cfg")
 def forward_jit(params, tokens, cfg, positions=None, segment_ids=None):
     """Jitted logits [B,T,V] f32 of either architecture."""
     return apply(params, tokens, cfg, positions, segment_ids)["logits"]
+
+
+__all__ = ["IMPLEMENTATIONS", "apply", "architecture", "forward_jit", "head", "hidden", "lm_head_weight"]

@@ -4,8 +4,8 @@ Legend: B batch · T query positions · S key positions · D model · H heads ·
 · N nope dim · R rope dim · V value head dim · L kv latent · Q q latent.
 
 Keys and values come from a per-token latent c [B,S,L] (plus one shared rope key [B,S,R]); this form
-expands c through kv_b to per-head keys and values. The absorbed decode form over a latent cache lives
-with the sampler and reuses `queries` and `latent_kv`.
+expands c through kv_b to per-head keys and values. The absorbed decode form over a latent cache is in
+kv_cache.py and reuses `queries` and `latent_kv`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import r1jax.model.rope as rope
 from r1jax.config import ModelConfig
-from r1jax.model import rope
 from r1jax.model.layers import rms_norm
 from r1jax.parallel.rules import constrain
 

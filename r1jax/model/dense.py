@@ -9,11 +9,10 @@ biases to q/k/v; Llama's `attention_bias` adds them to q/k/v and o.
 Legend: B batch · T query positions · S key positions · D model · H query heads · G kv heads
 · J query heads per kv head (H/G) · K head dim · F ffn hidden · V vocab.
 
-Layout: this file holds the architecture's one parameter table (`params.param_table` dispatches here).
-Linear maps are input-first and split into heads like MLA's: `q [D,H,K]`, `k`/`v [D,G,K]`,
-`o [H,K,D]`. Biases stay flat as HF stores them (`[H·K]`, `[G·K]`), so conversion copies them as they
-are; the forward views them per head. The layers are one stack, `layers`, scanned like
-transformer.py's (same per-layer keys, so the sampler's decoder layer runs either architecture).
+Layout: the parameters are declared with DeepSeek's in specs.py (`gqa_attention_specs`): linear maps
+input-first and split into heads, `q [D,H,K]`, `k`/`v [D,G,K]`, `o [H,K,D]`; biases flat as HF stores
+them. The layers are one stack, `layers`, run by `decoder.layer` like transformer.py's (same per-layer
+keys, so the sampler's cached layer runs either architecture).
 """
 
 from __future__ import annotations
@@ -23,63 +22,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
+import r1jax.model.decoder as decoder
+import r1jax.model.rope as rope
 from r1jax.config import DenseConfig
-from r1jax.model import rope
 from r1jax.model.attention import NEG_INF, PER_HEAD, mask
-from r1jax.model.layers import cast_tree, rms_norm, swiglu
-from r1jax.model.params import ParamSpec, _bias, _linear, _norm, _stack, mlp_specs
-from r1jax.model.transformer import HIDDEN, REMAT_POLICIES, default_inputs, embed, head, lm_head_weight
+from r1jax.model.decoder import default_inputs, embed, head, lm_head_weight
 from r1jax.parallel.rules import constrain
-
-# --------------------------------------------------------------------------- the parameter table
-
-
-def attention_specs(cfg: DenseConfig) -> dict:
-    D, H, G, K = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.attn_head_dim
-    p = "self_attn."
-    # kv heads split over `tensor` like query heads (the rules replicate them when G does not divide).
-    s = {
-        "q": _linear((D, H, K), ("embed", "heads", "qk_dim"), p + "q_proj.weight"),
-        "k": _linear((D, G, K), ("embed", "heads", "qk_dim"), p + "k_proj.weight"),
-        "v": _linear((D, G, K), ("embed", "heads", "v_dim"), p + "v_proj.weight"),
-        "o": _linear((H, K, D), ("heads", "v_dim", "embed"), p + "o_proj.weight", fan_in=2),
-    }
-    if cfg.attention_bias:
-        s["q_bias"] = _bias(H * K, "heads", p + "q_proj.bias")
-        s["k_bias"] = _bias(G * K, "heads", p + "k_proj.bias")
-        s["v_bias"] = _bias(G * K, "heads", p + "v_proj.bias")
-    if cfg.o_proj_bias:
-        s["o_bias"] = _bias(D, "embed", p + "o_proj.bias")
-    return s
-
-
-def block_specs(cfg: DenseConfig) -> dict:
-    D = cfg.hidden_size
-    return {
-        "input_norm": _norm(D, "input_layernorm.weight"),
-        "attn": attention_specs(cfg),
-        "post_attn_norm": _norm(D, "post_attention_layernorm.weight"),
-        "mlp": mlp_specs(D, cfg.intermediate_size, "mlp."),
-    }
-
-
-def stack_layout(cfg: DenseConfig) -> dict[str, tuple[int, int]]:
-    """Stacked group → (first HF layer index, number of layers): every layer is `model.layers.{i}`."""
-    return {"layers": (0, cfg.num_hidden_layers)}
-
-
-def param_table(cfg: DenseConfig) -> dict:
-    """Nested dict of ParamSpec mirroring the params pytree."""
-    D, V = cfg.hidden_size, cfg.vocab_size
-    table = {
-        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal", "model.embed_tokens.weight"),
-        "final_norm": _norm(D, "model.norm.weight"),
-        "layers": _stack(block_specs(cfg), cfg.num_hidden_layers),
-    }
-    if not cfg.tie_word_embeddings:
-        table["lm_head"] = _linear((D, V), ("embed", "vocab"), "lm_head.weight")
-    return table
-
 
 # --------------------------------------------------------------------------- attention
 
@@ -131,24 +79,16 @@ def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, 
 
 def block(p: dict, h: jax.Array, positions, segment_ids, cfg: DenseConfig) -> jax.Array:
     """One decoder layer. h [B,T,D] -> h [B,T,D]."""
-    p = cast_tree(p, jnp.dtype(cfg.dtype))
-    h = constrain(h, HIDDEN)
-    h = h + attend(p["attn"], rms_norm(p["input_norm"], h, cfg.rms_norm_eps), positions, segment_ids, cfg)
-    y = swiglu(p["mlp"], rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps))
-    return constrain(h + y, HIDDEN)
+    attn = lambda pa, x: (attend(pa, x, positions, segment_ids, cfg), None)  # noqa: E731
+    h, _, _ = decoder.layer(p, h, cfg, attn, decoder.dense_ffn)
+    return h
 
 
 def hidden(params: dict, tokens: jax.Array, cfg: DenseConfig, positions=None, segment_ids=None):
     """Embedding and every layer, before the final norm. -> h [B,T,D], None (no MoE statistics)."""
     positions, segment_ids = default_inputs(tokens, positions, segment_ids)
-
-    def body(carry, p):
-        return block(p, carry, positions, segment_ids, cfg), None
-
-    if cfg.remat_policy != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    h, _ = jax.lax.scan(body, embed(params, tokens, cfg), params["layers"])
-    return h, None
+    layer = lambda p, h, is_moe: (block(p, h, positions, segment_ids, cfg), None)  # noqa: E731
+    return decoder.stack(params, embed(params, tokens, cfg), cfg, layer)
 
 
 def apply(params: dict, tokens: jax.Array, cfg: DenseConfig, positions=None, segment_ids=None,

@@ -14,9 +14,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+import r1jax.model.experts as experts
 from r1jax.config import ModelConfig, MoeDispatch, check_names
 from r1jax.model.layers import swiglu
-from r1jax.parallel import experts
 
 
 # --------------------------------------------------------------------------- routing
@@ -116,7 +116,7 @@ def _capacity(p, x, weights, ids, cfg, ffn=_grouped_ffn):
 
 
 # The *_ep strategies run the local ones per device inside shard_map, exchanging token copies with
-# the devices that own their experts (r1jax/parallel/experts.py).
+# the devices that own their experts (experts.py).
 DISPATCH = {
     "dense": _dense,
     "ragged": _ragged,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.config import DenseConfig, ModelConfig
+from r1jax.model.arch import architecture
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -37,8 +38,8 @@ def _original_max(cfg: ModelConfig) -> int:
 
 
 def rope_dim(cfg: ModelConfig | DenseConfig) -> int:
-    """R: the rotated width of one head."""
-    return cfg.attn_head_dim if isinstance(cfg, DenseConfig) else cfg.qk_rope_head_dim
+    """R: the rotated width of one head (the architecture's)."""
+    return architecture(cfg).rope_dim(cfg)
 
 
 def llama3_frequencies(inv: np.ndarray, rs) -> np.ndarray:

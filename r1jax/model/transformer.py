@@ -1,5 +1,5 @@
-"""The decoder: embedding, dense then MoE layer stacks (each a `jax.lax.scan`), final norm, head,
-and the multi-token prediction modules (V3 §2.2).
+"""DeepSeek-V3/V2: MLA layers (`decoder.layer` with `attention.attend`), dense then MoE layer stacks
+(each a `jax.lax.scan`), final norm, head, and the multi-token prediction modules (V3 §2.2).
 
 Legend: B batch · T positions · D model · V vocab · E routed experts · M MTP depth.
 """
@@ -11,23 +11,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from r1jax.config import ModelConfig, RematPolicy, check_names
-from r1jax.model import attention, moe
+import r1jax.model.attention as attention
+import r1jax.model.decoder as decoder
+import r1jax.model.moe as moe
+from r1jax.config import ModelConfig
+from r1jax.model.decoder import default_inputs, embed, head, lm_head_weight
 from r1jax.model.layers import cast_tree, rms_norm, swiglu
-from r1jax.parallel.rules import constrain
-
-# Logical names of the residual stream and of the logits (sharding constraints; no-ops without a mesh).
-HIDDEN = ("batch", "length", "act_embed")
-LOGITS = ("batch", "length", "act_vocab")
-
-# remat_policy name -> jax.checkpoint policy (None = no rematerialization).
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-check_names(REMAT_POLICIES, RematPolicy, "remat_policy")
 
 
 def _no_moe_stats(cfg: ModelConfig) -> dict:
@@ -35,66 +24,26 @@ def _no_moe_stats(cfg: ModelConfig) -> dict:
             "balance_loss": jnp.float32(0.0)}
 
 
-def block(p: dict, h: jax.Array, positions, segment_ids, cfg: ModelConfig, is_moe: bool):
-    """One decoder layer (spec §2). h [B,T,D] -> h [B,T,D], MoE stats."""
-    p = cast_tree(p, jnp.dtype(cfg.dtype))
-    h = constrain(h, HIDDEN)
-    h = h + attention.attend(p["attn"], rms_norm(p["input_norm"], h, cfg.rms_norm_eps), positions, segment_ids, cfg)
-    x = rms_norm(p["post_attn_norm"], h, cfg.rms_norm_eps)
+def ffn(is_moe: bool, segment_ids, cfg: ModelConfig):
+    """The layer's FFN for `decoder.layer`: (mlp params, x) -> (y, MoE stats; zeros for a dense FFN)."""
     if is_moe:
-        y, stats = moe.apply(p["mlp"], x, segment_ids, cfg)
-    else:
-        y, stats = swiglu(p["mlp"], x), _no_moe_stats(cfg)
-    return constrain(h + y, HIDDEN), stats
+        return lambda p, x: moe.apply(p, x, segment_ids, cfg)
+    return lambda p, x: (swiglu(p, x), _no_moe_stats(cfg))
 
 
-def _scan_blocks(stacked: dict, h, positions, segment_ids, cfg: ModelConfig, is_moe: bool):
-    """Run a stack of layers with lax.scan; stats come back stacked on a leading layer axis."""
-    def body(carry, p):
-        return block(p, carry, positions, segment_ids, cfg, is_moe)
-
-    policy = REMAT_POLICIES[cfg.remat_policy]
-    if cfg.remat_policy != "none":
-        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    return jax.lax.scan(body, h, stacked)
-
-
-def embed(params: dict, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
-    # Gather the table's FSDP-split model dim first (its gradient is then reduce-scattered), so the
-    # lookup's rows follow the tokens' batch split rather than the table's.
-    table = constrain(params["embed"], ("vocab", None))
-    return constrain(jnp.take(table, tokens, axis=0).astype(jnp.dtype(cfg.dtype)), HIDDEN)
-
-
-def head(w: jax.Array, norm_w: jax.Array, h: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """Final norm + projection to the vocabulary. h [B,T,D] -> logits [B,T,V] float32."""
-    x = rms_norm(norm_w, h, cfg.rms_norm_eps)
-    return constrain(jnp.einsum("BTD,DV->BTV", x, w.astype(x.dtype), preferred_element_type=jnp.float32), LOGITS)
-
-
-def lm_head_weight(params: dict) -> jax.Array:
-    return params["lm_head"] if "lm_head" in params else params["embed"].T
-
-
-def default_inputs(tokens: jax.Array, positions=None, segment_ids=None):
-    B, T = tokens.shape
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    if segment_ids is None:
-        segment_ids = jnp.ones((B, T), jnp.int32)
-    return positions, segment_ids
+def block(p: dict, h: jax.Array, positions, segment_ids, cfg: ModelConfig, is_moe: bool):
+    """One decoder layer (spec §2) with MLA over the whole sequence. h [B,T,D] -> h [B,T,D], MoE stats."""
+    attend = lambda pa, x: (attention.attend(pa, x, positions, segment_ids, cfg), None)  # noqa: E731
+    h, _, stats = decoder.layer(p, h, cfg, attend, ffn(is_moe, segment_ids, cfg))
+    return h, stats
 
 
 def hidden(params: dict, tokens: jax.Array, cfg: ModelConfig, positions=None, segment_ids=None):
-    """Embedding and every layer, before the final norm. -> h [B,T,D], stats (per MoE layer)."""
+    """Embedding, the dense then the MoE layers, before the final norm. -> h [B,T,D], stats (per MoE
+    layer; None without MoE layers)."""
     positions, segment_ids = default_inputs(tokens, positions, segment_ids)
-    h = embed(params, tokens, cfg)
-    if "dense_layers" in params:
-        h, _ = _scan_blocks(params["dense_layers"], h, positions, segment_ids, cfg, is_moe=False)
-    stats = None
-    if "moe_layers" in params:
-        h, stats = _scan_blocks(params["moe_layers"], h, positions, segment_ids, cfg, is_moe=True)
-    return h, stats
+    layer = lambda p, h, is_moe: block(p, h, positions, segment_ids, cfg, is_moe)  # noqa: E731
+    return decoder.stack(params, embed(params, tokens, cfg), cfg, layer)
 
 
 def mtp_targets(tokens: jax.Array, segment_ids: jax.Array, depth: int):

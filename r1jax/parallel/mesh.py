@@ -22,6 +22,7 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from r1jax.config import MESH_AXES, MeshConfig, ModelConfig, TrainConfig
 from r1jax.errors import ConfigError
+from r1jax.parallel.rules import axes_of
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,6 @@ def check_model(model: ModelConfig, shape: dict[str, int]) -> None:
 
 def check_batch(rows: int, shape: dict[str, int], key: str, rules=None) -> None:
     """The rows of one (micro-)batch must split evenly over the batch axes (data×fsdp×expert)."""
-    from r1jax.parallel.rules import axes_of
-
     axes = axes_of("batch", rules)
     split = math.prod(shape[a] for a in axes)
     if rows % split:

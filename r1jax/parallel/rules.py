@@ -1,16 +1,19 @@
-"""Logical axes -> mesh axes: shardings of parameters, optimizer state, batches and activations.
+"""Logical axes -> mesh axes: shardings of optimizer state, batches and activations, and the resolution
+the model's parameter shardings use (`model/sharding.py`).
 
-Every parameter's logical axes come from the one table (`model/params.py`); activations are named at
-block boundaries by the model (`constrain(x, ("batch", "length", "act_embed"))`). A rules table
-(`MeshConfig.rules`, ordered pairs of logical name -> mesh axes) turns names into a `PartitionSpec`:
+Nothing here knows the model: every parameter's logical axes come from its table (`model/specs.py`), and
+activations are named at block boundaries by the model (`constrain(x, ("batch", "length", "act_embed"))`).
+A rules table (`MeshConfig.rules`, ordered pairs of logical name -> mesh axes) turns names into a
+`PartitionSpec`:
 
 1. Dims are served in the order their logical names appear in the rules (priority).
 2. A dim takes, in order, each mesh axis of its rule that no higher-priority dim of the same array
    has taken and that keeps the dim divisible: a 576-wide `kv_lora` dim on a mesh with fsdp=32 is
    replicated over `fsdp` rather than padded. The result is the same on every mesh size, so one
-   code path runs from one CPU to a pod; `replicated_dims` lists what fell back, for `r1jax plan`.
-   Divisibility that matters for correctness or memory (experts over `expert`, heads over `tensor`,
-   the batch over data×fsdp×expert) is checked up front by `parallel.mesh.check_*` as ConfigErrors.
+   code path runs from one CPU to a pod; `model.sharding.replicated_dims` lists what fell back, for
+   `r1jax plan`. Divisibility that matters for correctness or memory (experts over `expert`, heads
+   over `tensor`, the batch over data×fsdp×expert) is checked up front by `parallel.mesh.check_*` as
+   ConfigErrors.
 
 Activation constraints are active only inside `sharding_context(mesh, rules)`, entered outside
 `jax.jit` around the call that traces; everywhere else `constrain` returns its input unchanged.
@@ -28,8 +31,7 @@ from typing import Iterable, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from r1jax.config import MeshConfig, ModelConfig
-from r1jax.model.params import is_spec, param_table
+from r1jax.config import MeshConfig
 
 Rules = Sequence[tuple[str, Sequence[str]]]
 
@@ -83,37 +85,7 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], rules, sizes
     return to_spec(resolve(names, shape, rules, sizes))
 
 
-# --------------------------------------------------------------------------- parameters and state
-
-
-def param_specs(cfg: ModelConfig, mesh, rules=None):
-    """Pytree of PartitionSpec mirroring the params, from the param table's logical axes."""
-    sizes = mesh_sizes(mesh)
-    return jax.tree.map(lambda s: logical_spec(s.axes, s.shape, rules, sizes), param_table(cfg), is_leaf=is_spec)
-
-
-def param_shardings(cfg: ModelConfig, mesh, rules=None):
-    """Pytree of NamedSharding mirroring the params (`rules`: a MeshConfig, mapping or pairs;
-    None: the default table)."""
-    return jax.tree.map(lambda p: NamedSharding(mesh, p), param_specs(cfg, mesh, rules))
-
-
-def replicated_dims(cfg: ModelConfig, mesh, rules=None) -> list[str]:
-    """Dims replicated over a mesh axis (of size > 1) that their rule names, because the dim does not
-    divide by it (axes taken by a higher-priority dim of the same array are not listed)."""
-    sizes = mesh_sizes(mesh)
-    table = dict(as_pairs(rules))
-    out = []
-    flat = jax.tree_util.tree_flatten_with_path(param_table(cfg), is_leaf=is_spec)[0]
-    for path, s in flat:
-        got = resolve(s.axes, s.shape, rules, sizes)
-        used = {a for axes in got for a in axes}
-        for dim, name in enumerate(s.axes):
-            missing = [a for a in table.get(name, ()) if a not in used and sizes.get(a, 1) > 1]
-            for a in missing:
-                out.append(f"{jax.tree_util.keystr(path)}[{dim}] ({name}={s.shape[dim]}): not split over "
-                           f"{a}={sizes[a]}")
-    return out
+# --------------------------------------------------------------------------- train state and batches
 
 
 def _names(path) -> tuple[str, ...]:
@@ -139,8 +111,10 @@ def state_shardings(abstract_state, params_shardings, mesh):
 
 
 def batch_spec(shape: Sequence[int], rules, sizes: dict[str, int]) -> PartitionSpec:
-    """Rows over the `batch` rule's axes; other dims (positions) over `length`'s."""
-    return logical_spec(("batch", "length") + (None,) * (len(shape) - 2), shape, rules, sizes)
+    """Rows over the `batch` rule's axes; a second dim (positions) over `length`'s; the rest whole.
+    One entry per dim, so a 1-D array (one value per row) gets a 1-entry spec."""
+    names = ("batch", "length") + (None,) * max(len(shape) - 2, 0)
+    return logical_spec(names[: len(shape)], shape, rules, sizes)
 
 
 def batch_shardings(batch_shapes: dict, mesh, rules=None) -> dict:

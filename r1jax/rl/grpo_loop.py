@@ -29,10 +29,12 @@ from r1jax.config import GRPOConfig, ModelConfig
 from r1jax.data.pipeline import make_prompt_iterator
 from r1jax.data.tokenizer import completion_texts, load_tokenizer
 from r1jax.eval.run import evaluate_model, prompt_rows
+from r1jax.infer import sampler
 from r1jax.model.params import param_shapes
+from r1jax.model.sharding import param_shardings
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules as rules_lib
-from r1jax.rl import grpo, rewards as rewards_lib, sampler
+from r1jax.rl import grpo, rewards as rewards_lib
 from r1jax.train import optimizer
 from r1jax.train.metrics import to_host
 from r1jax.train.run import Run, RunResult, check_vocab, mesh_and_model
@@ -184,10 +186,7 @@ def batch_shapes(cfg: GRPOConfig) -> dict:
 
 def batch_shardings(shapes: dict, mesh, rules) -> dict:
     """Rows over the `batch` rule's axes (data×fsdp×expert), positions over `length`'s."""
-    sizes = rules_lib.mesh_sizes(mesh)
-    names = lambda n: ("batch", "length", None, None)[:n]  # noqa: E731
-    return {k: NamedSharding(mesh, rules_lib.logical_spec(names(len(v.shape)), v.shape, rules, sizes))
-            for k, v in shapes.items()}
+    return rules_lib.batch_shardings(shapes, mesh, rules)
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, cfg: GRPOConfig) -> GRPOState:
@@ -288,7 +287,7 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
         eval_prompts = dataclasses.replace(cfg.eval_prompts, shard_index=0, shard_count=1)
     tx = optimizer.build(cfg.optimizer, cfg.steps)
     abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg), param_shapes(model_cfg))
-    state_sh = rules_lib.state_shardings(abstract, rules_lib.param_shardings(model_cfg, mesh, cfg.mesh), mesh)
+    state_sh = rules_lib.state_shardings(abstract, param_shardings(model_cfg, mesh, cfg.mesh), mesh)
     shapes = batch_shapes(cfg)
     batch_sh = batch_shardings(shapes, mesh, cfg.mesh)
     steps = make_steps(model_cfg, cfg, tx, state_sh, batch_sh, mesh)

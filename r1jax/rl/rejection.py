@@ -13,7 +13,8 @@ from r1jax.config import RejectionConfig
 from r1jax.data.pipeline import make_prompt_iterator
 from r1jax.data.tokenizer import completion_texts
 from r1jax.eval.run import prompt_rows
-from r1jax.rl import rewards, sampler
+from r1jax.infer import sampler
+from r1jax.rl import rewards
 
 THINK_PREFIX = "<think>\n"  # the R1 generation prompt ends inside the reasoning block
 

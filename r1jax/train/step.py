@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from r1jax.config import DistillConfig, ModelConfig
 from r1jax.model.params import param_shapes
+from r1jax.model.sharding import param_shardings
 from r1jax.parallel import rules as parallel_rules
 from r1jax.train import distill, losses
 
@@ -167,8 +168,8 @@ def step_shardings(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int
                    batch_shapes: dict, teacher_cfg=None) -> tuple[TrainState, StepShardings]:
     """(abstract state, shardings) of a train step on `mesh` under `rules` (a MeshConfig or pairs)."""
     state = abstract_state(cfg, tx, seed)
-    params = parallel_rules.param_shardings(cfg, mesh, rules)
-    teacher = None if teacher_cfg is None else parallel_rules.param_shardings(teacher_cfg, mesh, rules)
+    params = param_shardings(cfg, mesh, rules)
+    teacher = None if teacher_cfg is None else param_shardings(teacher_cfg, mesh, rules)
     return state, StepShardings(state=parallel_rules.state_shardings(state, params, mesh),
                                 batch=parallel_rules.batch_shardings(batch_shapes, mesh, rules),
                                 metrics=NamedSharding(mesh, PartitionSpec()), teacher=teacher)

@@ -35,7 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from r1jax.config import ModelConfig
 from r1jax.errors import ConfigError
-from r1jax.model.params import moe_specs
+from r1jax.model.specs import moe_specs
 from r1jax.parallel import rules as rules_lib
 
 # Backends whose XLA has no ragged-all-to-all (checked at trace time, from the context mesh's devices).
