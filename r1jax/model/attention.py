@@ -68,7 +68,7 @@ def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, 
     c, k_rope = latent_kv(p, x, cos, sin, cfg)
     kv = constrain(jnp.einsum("BSL,LHC->BSHC", c, p["kv_b"]), PER_HEAD)
     k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
-    # q·k = q_nope·k_nope + q_rope·k_rope; the rope key is one head shared by all (spec §3).
+    # q·k = q_nope·k_nope + q_rope·k_rope; the rope key is one head shared by all (docs/deepseek_v3.md §3).
     scores = jnp.einsum("BTHN,BSHN->BHTS", q_nope, k_nope, preferred_element_type=jnp.float32)
     scores += jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
     scores = jnp.where(mask(segment_ids), scores * rope.softmax_scale(cfg), NEG_INF)

@@ -32,7 +32,7 @@ check_names(REMAT_POLICIES, RematPolicy, "remat_policy")
 
 
 def layer(p: dict, h: jax.Array, cfg, attend, ffn, hidden_axes=HIDDEN):
-    """One decoder layer (spec §2): h + attn(norm(h)), then + ffn(norm(·)). h [B,T,D] -> h [B,T,D],
+    """One decoder layer (docs/deepseek_v3.md §2): h + attn(norm(h)), then + ffn(norm(·)). h [B,T,D] -> h [B,T,D],
     what `attend` returned besides its output (new cache entries, or None), what `ffn` did (MoE stats,
     or None).
 

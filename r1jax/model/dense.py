@@ -1,4 +1,4 @@
-"""Dense decoder-only students (the R1-Distill bases, spec §9): Qwen2 and Llama.
+"""Dense decoder-only students (the R1-Distill bases, docs/deepseek_v3.md §9): Qwen2 and Llama.
 
 A layer is `h = x + attn(rmsnorm(x)); y = h + swiglu(rmsnorm(h))`, as DeepSeek's dense layers, with
 grouped-query attention in place of MLA: G key/value heads, each read by J = H/G query heads (query
@@ -69,7 +69,7 @@ def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, 
     qg = grouped(q, cfg.num_key_value_heads)
     scores = jnp.einsum("BTGJK,BSGK->BGJTS", qg, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask(segment_ids)[:, :, None], scores * softmax_scale(cfg), NEG_INF)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # fp32 softmax (spec §10)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # fp32 softmax (docs/deepseek_v3.md §10)
     ctx = jnp.einsum("BGJTS,BSGK->BTGJK", weights, v).reshape(q.shape)
     return output(p, constrain(ctx, PER_HEAD))
 

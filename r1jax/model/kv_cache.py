@@ -202,7 +202,7 @@ def attend_cached(p, x, cos, sin, new_mask, old, old_mask, cfg: ModelConfig, mod
         blocks.append((old, old_mask[:, None, None, :]))
     scale = mode.scale(cfg)
     scores = [jnp.where(m, mode.scores(q, e) * scale, attention.NEG_INF) for e, m in blocks]
-    weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # fp32 (spec §10)
+    weights = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)  # fp32 (docs/deepseek_v3.md §10)
     ctx, start = 0, 0
     for (e, _), s in zip(blocks, scores):
         ctx = ctx + mode.mix(weights[..., start : start + s.shape[-1]], e)

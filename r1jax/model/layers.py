@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 
 def rms_norm(w: jax.Array, x: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm in fp32; the normalized value is cast back to x's dtype before the weight (spec §2)."""
+    """RMSNorm in fp32; the normalized value is cast back to x's dtype before the weight (docs/deepseek_v3.md §2)."""
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return w.astype(x.dtype) * normed.astype(x.dtype)
@@ -23,7 +23,7 @@ def swiglu(p: dict, x: jax.Array) -> jax.Array:
     return jnp.einsum("...F,FD->...D", jax.nn.silu(gate) * up, p["down"].astype(x.dtype))
 
 
-# The router runs in fp32 whatever the compute dtype (spec §10): its weights are never down-cast.
+# The router runs in fp32 whatever the compute dtype (docs/deepseek_v3.md §10): its weights are never down-cast.
 KEEP_FP32 = frozenset({"router", "router_bias"})
 
 

@@ -2,7 +2,7 @@
 transformers compute it.
 
 Legend: B batch · T positions · H heads · R rope dim · P rope pairs (R/2).
-MLA rotates only the decoupled rope part of queries and keys (R = qk_rope_head_dim, spec §3); a dense
+MLA rotates only the decoupled rope part of queries and keys (R = qk_rope_head_dim, docs/deepseek_v3.md §3); a dense
 student rotates whole heads (R = head dim) in the half-split pairing.
 """
 
@@ -57,7 +57,7 @@ def llama3_frequencies(inv: np.ndarray, rs) -> np.ndarray:
 
 
 def inverse_frequencies(cfg: ModelConfig | DenseConfig) -> tuple[np.ndarray, float]:
-    """inv_freq [P] (float32) and the factor cos/sin are multiplied by (spec §4)."""
+    """inv_freq [P] (float32) and the factor cos/sin are multiplied by (docs/deepseek_v3.md §4)."""
     dim, base = rope_dim(cfg), cfg.rope_theta
     inv_extra = 1.0 / base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     if cfg.rope_type == "default":
@@ -93,7 +93,7 @@ def inverse_frequencies(cfg: ModelConfig | DenseConfig) -> tuple[np.ndarray, flo
 
 
 def softmax_scale(cfg: ModelConfig) -> float:
-    """(nope+rope)^-0.5, times mscale(factor, mscale_all_dim)² under YaRN (spec §3)."""
+    """(nope+rope)^-0.5, times mscale(factor, mscale_all_dim)² under YaRN (docs/deepseek_v3.md §3)."""
     scale = cfg.qk_head_dim ** -0.5
     if cfg.rope_type != "default":
         mscale_all = cfg.rope_scaling.get("mscale_all_dim", 0)

@@ -32,7 +32,8 @@ def ffn(is_moe: bool, segment_ids, cfg: ModelConfig):
 
 
 def block(p: dict, h: jax.Array, positions, segment_ids, cfg: ModelConfig, is_moe: bool):
-    """One decoder layer (spec §2) with MLA over the whole sequence. h [B,T,D] -> h [B,T,D], MoE stats."""
+    """One decoder layer (docs/deepseek_v3.md §2) with MLA over the whole sequence. h [B,T,D] -> h [B,T,D],
+    MoE stats."""
     attend = lambda pa, x: (attention.attend(pa, x, positions, segment_ids, cfg), None)  # noqa: E731
     h, _, stats = decoder.layer(p, h, cfg, attend, ffn(is_moe, segment_ids, cfg))
     return h, stats
@@ -64,7 +65,7 @@ def mtp_targets(tokens: jax.Array, segment_ids: jax.Array, depth: int):
 
 
 def mtp(params: dict, h_main: jax.Array, tokens, positions, segment_ids, cfg: ModelConfig):
-    """Multi-token prediction (V3 §2.2, spec §6). h_main [B,T,D] (pre final norm) ->
+    """Multi-token prediction (V3 §2.2, docs/deepseek_v3.md §6). h_main [B,T,D] (pre final norm) ->
     logits [M,B,T,V] f32 for token t[i+k+1], targets [M,B,T], mask [M,B,T], stats per module."""
     inputs, targets, mask = mtp_targets(tokens, segment_ids, cfg.num_nextn_predict_layers)
 
