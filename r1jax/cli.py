@@ -54,7 +54,8 @@ def _plan(args) -> int:
     from r1jax.plan import plan_command
 
     plan_command(args.config, args.overrides, args.mesh, devices=args.devices, hardware=args.hardware,
-                 batch_size=args.batch, seq_len=args.seq_len, compile=not args.no_compile)
+                 batch_size=args.batch, seq_len=args.seq_len, compile=not args.no_compile,
+                 topology=args.topology, slices=args.slices)
     return 0
 
 
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch", type=int, default=None, help="global batch rows")
     plan.add_argument("--seq-len", type=int, default=None)
     plan.add_argument("--no-compile", action="store_true", help="analytic estimate only")
+    plan.add_argument("--topology", default=None,
+                      help="compile with XLA:TPU for this TPU slice on this host (needs libtpu): a slice name "
+                           "(v5p-128, v4-32, v5e-16, v6e-64) or a topology (v5p:4x4x4, v5e:4x4)")
+    plan.add_argument("--slices", type=int, default=1, help="with --topology: that many slices over DCN")
     plan.set_defaults(func=_plan)
     sample = sub.add_parser("sample", help="sample completions for a jsonl of prompts")
     sample.add_argument("--ckpt", required=True, help="Hugging Face model directory or r1jax checkpoint")

@@ -11,6 +11,9 @@ Two views of the same train step:
 - Compiled (when the mesh fits the local devices, e.g. 8 simulated CPU devices with
   `XLA_FLAGS=--xla_force_host_platform_device_count=8`): XLA's `memory_analysis()` of the sharded
   train step compiled from abstract inputs; its argument bytes check the analytic state bytes.
+- Compiled for a TPU topology (`--topology v5p-128`, with libtpu installed): the same step compiled by
+  XLA:TPU for that slice's compile-only devices (parallel/topology.py), on this CPU host; its
+  `memory_analysis()` is the per-chip memory, checked against the chip's HBM.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -31,6 +35,7 @@ from r1jax.model.sharding import replicated_dims
 from r1jax.model.specs import block_specs, is_spec
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules as rules_lib
+from r1jax.parallel import topology as topology_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +67,9 @@ class Plan:
     lowered_for: str | None = None  # platform the step was lowered for on an abstract mesh
     replicated: list[str] = dataclasses.field(default_factory=list)
     model: ModelConfig | None = None
+    topology: topology_lib.Topology | None = None  # compiled by XLA:TPU for this slice
+    compile_seconds: float | None = None
+    flops: float | None = None  # XLA's cost_analysis, per device
 
 
 # --------------------------------------------------------------------------- analytic
@@ -194,21 +202,42 @@ MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_i
                  "generated_code_size_in_bytes")
 
 
+def _compile(cfg: TrainConfig, m: ModelConfig, mesh, result: Plan) -> None:
+    t = time.perf_counter()
+    compiled = lower_step(cfg, m, mesh).compile()
+    result.compile_seconds = time.perf_counter() - t
+    stats = compiled.memory_analysis()
+    result.compiled = {f: int(getattr(stats, f)) for f in MEMORY_FIELDS}
+    cost = compiled.cost_analysis()
+    result.flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
+
+
 def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, name: str = "",
-         compile: bool = True) -> Plan:
+         compile: bool = True, topology: topology_lib.Topology | None = None) -> Plan:
     """Plan `cfg` on `devices` devices: analytic always; compiled on the local devices when there are
-    enough of them (and `compile`), else lowered for `hardware`'s platform on an abstract mesh."""
+    enough of them (and `compile`), else lowered for `hardware`'s platform on an abstract mesh. With a
+    `topology`, compiled by XLA:TPU for that slice's devices (`devices` must be their number)."""
     m = cfg.model
-    sizes = mesh_lib.mesh_shape(cfg.mesh, devices)
+    sizes = mesh_lib.mesh_shape(cfg.mesh, devices, topology.slices if topology else 1)
     mesh_lib.check_train(cfg, m, sizes)
     B = cfg.data.batch_size // cfg.optimizer.grad_accum_steps
     rows = B // rules_lib.split_of("batch", cfg.mesh, sizes)
-    result = Plan(name, sizes, devices, hardware, rows, cfg.data.seq_len, analytic(cfg, m, sizes), model=m)
+    result = Plan(name, sizes, devices, hardware, rows, cfg.data.seq_len, analytic(cfg, m, sizes), model=m,
+                  topology=topology)
     local = jax.devices()
-    if compile and devices <= len(local) and (hardware is None or hardware.platform == local[0].platform):
+    if topology is not None:
+        chips = topology_lib.topology_devices(topology)
+        if len(chips) != devices:
+            raise ConfigError(f"--devices: {topology.name} x {topology.slices} slice(s) has {len(chips)} "
+                              f"devices, not {devices}")
+        kind = chips[0].device_kind
+        result.hardware = Hardware(f"{kind} ({topology.layout}" + (f" x {topology.slices} slices" if
+                                   topology.slices > 1 else "") + ")", topology_lib.hbm_bytes(chips[0]), "tpu")
+        mesh = mesh_lib.build_mesh(cfg.mesh, chips)
+        _compile(cfg, m, mesh, result)
+    elif compile and devices <= len(local) and (hardware is None or hardware.platform == local[0].platform):
         mesh = mesh_lib.build_mesh(cfg.mesh, local[:devices])
-        stats = lower_step(cfg, m, mesh).compile().memory_analysis()
-        result.compiled = {f: int(getattr(stats, f)) for f in MEMORY_FIELDS}
+        _compile(cfg, m, mesh, result)
     else:
         mesh = mesh_lib.abstract_mesh(cfg.mesh, devices)
         platform = hardware.platform if hardware else local[0].platform
@@ -229,6 +258,28 @@ def _fmt(x: float, unit: tuple[str, float]) -> str:
     return f"{x / unit[1]:,.2f}"
 
 
+def peak_bytes(c: dict[str, int]) -> int:
+    """XLA's live buffers at the step's peak: inputs and outputs (donated ones once) and temporaries."""
+    return c["argument_size_in_bytes"] + c["output_size_in_bytes"] - c["alias_size_in_bytes"] + c["temp_size_in_bytes"]
+
+
+def _topology_lines(p: Plan) -> list[str]:
+    """XLA:TPU beside the analytic estimate, then the verdict: the program's code sits in HBM too."""
+    c, a, hbm = p.compiled, p.analytic, p.hardware.memory
+    state = a["params"] + a["optimizer state (Adam mu, nu)"]
+    peak = peak_bytes(c) + c["generated_code_size_in_bytes"]
+    unit = _unit(max(peak, a["total"]))
+    rows = [("arguments (params, optimizer state, batch)", c["argument_size_in_bytes"], state),
+            ("temporaries", c["temp_size_in_bytes"], a["total"] - state),
+            ("peak + code", peak, a["total"])]
+    lines = ["", f"compiled in {p.compile_seconds:.1f} s; {p.flops or 0:,.0f} flops per chip per step (XLA)",
+             "", f"| per chip | XLA:TPU ({unit[0]}) | analytic ({unit[0]}) |", "|---|---:|---:|"]
+    lines += [f"| {k} | {_fmt(x, unit)} | {_fmt(e, unit)} |" for k, x, e in rows]
+    lines += ["", f"fits: {'yes' if peak <= hbm else 'no'}  peak {peak / 1e9:.2f} GB of {hbm / 1e9:.2f} GB per chip "
+              f"({100 * peak / hbm:.1f}%)"]
+    return lines
+
+
 def format_plan(p: Plan) -> str:
     m = p.model
     mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
@@ -246,11 +297,14 @@ def format_plan(p: Plan) -> str:
                      f"{100 * total / p.hardware.memory:.0f}%) |")
     if p.compiled:
         c = p.compiled
-        peak = c["argument_size_in_bytes"] + c["output_size_in_bytes"] - c["alias_size_in_bytes"] + c["temp_size_in_bytes"]
+        peak = peak_bytes(c)
         unit = _unit(peak)
-        lines += ["", f"| per device (XLA memory_analysis, compiled here) | {unit[0]} |", "|---|---:|"]
+        where = f"compiled by XLA:TPU for {p.topology.layout}" if p.topology else "compiled here"
+        lines += ["", f"| per device (XLA memory_analysis, {where}) | {unit[0]} |", "|---|---:|"]
         lines += [f"| {k.replace('_size_in_bytes', '')} | {_fmt(v, unit)} |" for k, v in c.items()]
         lines.append(f"| peak (arguments + outputs - aliased + temp) | {_fmt(peak, unit)} |")
+    if p.topology:
+        lines += _topology_lines(p)
     if p.lowered_for:
         lines += ["", f"lowered for {p.lowered_for} on an abstract {p.devices}-device mesh: ok (too many devices "
                   f"to compile here; the activation rows are estimates)"]
@@ -264,7 +318,8 @@ def format_plan(p: Plan) -> str:
 
 
 def load_plan_config(config_path, overrides=(), mesh_spec: str | None = None, *, batch_size: int | None = None,
-                     seq_len: int | None = None, devices: int | None = None) -> tuple[TrainConfig, int]:
+                     seq_len: int | None = None, devices: int | None = None,
+                     slices: int = 1) -> tuple[TrainConfig, int]:
     """A TrainConfig from a stage YAML (`stage:` key) or a model YAML (trained with default settings,
     `--seq-len` tokens, `--batch` rows: default one row per batch shard), and the device count."""
     overrides = list(overrides) + (mesh_lib.parse_mesh_spec(mesh_spec) if mesh_spec else [])
@@ -287,7 +342,7 @@ def load_plan_config(config_path, overrides=(), mesh_spec: str | None = None, *,
         dcn = [getattr(cfg.mesh, a) for a in config_lib.DCN_AXES]
         n = math.prod(sizes + dcn) if -1 not in sizes + dcn else jax.device_count()
     if batch_size is None and "stage" not in raw:
-        shape = mesh_lib.mesh_shape(cfg.mesh, n)
+        shape = mesh_lib.mesh_shape(cfg.mesh, n, slices)
         split = rules_lib.split_of("batch", cfg.mesh, shape)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=split * cfg.optimizer.grad_accum_steps))
     return cfg, n
@@ -295,13 +350,27 @@ def load_plan_config(config_path, overrides=(), mesh_spec: str | None = None, *,
 
 def plan_command(config_path, overrides=(), mesh_spec: str | None = None, *, devices: int | None = None,
                  hardware: str | None = None, batch_size: int | None = None, seq_len: int | None = None,
-                 compile: bool = True, out=None) -> Plan:
-    """`r1jax plan CONFIG [key=value ...] --mesh data=2,expert=4 [--devices N] [--hardware h100]`:
-    print the per-device memory table and return the Plan."""
+                 compile: bool = True, topology: str | None = None, slices: int = 1, out=None) -> Plan:
+    """`r1jax plan CONFIG [key=value ...] --mesh data=2,expert=4 [--devices N] [--hardware h100]
+    [--topology v5p-128 [--slices 2]]`: print the per-device memory table and return the Plan."""
     if hardware is not None and hardware not in HARDWARE:
         raise ConfigError(f"--hardware: unknown {hardware!r}; valid: {', '.join(HARDWARE)}")
+    topo = None
+    if topology is not None:  # every check that needs no compiler, before the config is even read
+        if hardware is not None:
+            raise ConfigError("--hardware: the --topology names the hardware; give one of them")
+        topo = topology_lib.parse_topology(topology, slices)
+        topology_lib.require_libtpu()
+        if not compile:
+            raise ConfigError("--no-compile: --topology compiles for the TPU; drop one of them")
+        n = len(topology_lib.topology_devices(topo))
+        if devices is not None and devices != n:
+            raise ConfigError(f"--devices: {topology} x {slices} slice(s) has {n} devices, not {devices}")
+        devices = n
+    elif slices != 1:
+        raise ConfigError("--slices: only with --topology")
     cfg, n = load_plan_config(config_path, overrides, mesh_spec, batch_size=batch_size, seq_len=seq_len,
-                              devices=devices)
-    result = plan(cfg, n, HARDWARE.get(hardware), name=str(Path(config_path)), compile=compile)
+                              devices=devices, slices=slices)
+    result = plan(cfg, n, HARDWARE.get(hardware), name=str(Path(config_path)), compile=compile, topology=topo)
     print(format_plan(result), file=out or sys.stdout)
     return result

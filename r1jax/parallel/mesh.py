@@ -142,20 +142,43 @@ def mesh_shape(cfg: MeshConfig, num_devices: int, slices: int = 1) -> dict[str, 
     return _prefixed(cfg.shape, num_devices, slices if _uses_dcn(cfg) else 1)
 
 
+def _tpu_grid(shape: list[int], devices):
+    """TPU devices laid out as `shape` (axes outermost first) on the chips' torus.
+
+    Each axis is mapped onto whole physical axes (e.g. 16 = 4x4 of a 4x4x4 v5p slice) when such an
+    assignment exists: every collective then runs on complete rings. When none exists (fsdp=8 on
+    4x4x4: 8 is no product of the physical 4s) a physical axis is split between mesh axes, as
+    `jax.make_mesh` only does for v5e; the step runs, with less bandwidth on the split axes."""
+    from jax.experimental import mesh_utils
+
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except NotImplementedError:
+        log.info("mesh %s does not map onto whole axes of the TPU torus: splitting physical axes", shape)
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
 def build_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    """A `Mesh` over `devices` (default: all) with the four axes, auto-sharded (GSPMD) axes."""
+    """A `Mesh` over `devices` (default: all) with the four axes, auto-sharded (GSPMD) axes.
+
+    `devices` may be compile-only devices of a TPU topology that is not attached
+    (`jax.experimental.topologies`), which is how `r1jax plan --topology` compiles for a pod."""
     devices = list(jax.devices() if devices is None else devices)
     types = (AxisType.Auto,) * len(MESH_AXES)
+    tpu = devices[0].platform == "tpu"
     if not _uses_dcn(cfg):
         shape = mesh_shape(cfg, len(devices))
-        return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES, axis_types=types, devices=devices)
+        sizes = tuple(shape[a] for a in MESH_AXES)
+        if tpu:
+            return Mesh(_tpu_grid(list(sizes), devices), MESH_AXES, axis_types=types)
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=types, devices=devices)
     from jax.experimental import mesh_utils
 
     slices = num_slices(devices)
     ici, dcn = _prefixed(cfg.ici_dcn, len(devices), slices)
     grid = mesh_utils.create_hybrid_device_mesh(
         [ici[a] for a in MESH_AXES], [dcn[a] for a in MESH_AXES], devices,
-        process_is_granule=not hasattr(devices[0], "slice_index"))
+        process_is_granule=not hasattr(devices[0], "slice_index"), allow_split_physical_axes=tpu)
     return Mesh(grid, MESH_AXES, axis_types=types)
 
 
