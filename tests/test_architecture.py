@@ -36,10 +36,12 @@ LAYERS = {
     "r1jax.errors": 0,
     "r1jax.plugins": 0,
     "r1jax.config.*": 1,
-    # parallel/ is the mesh and the sharding rules, nothing else (expert dispatch is the model's).
+    # parallel/ is the mesh, the sharding rules and the TPU slices a mesh is laid on, nothing else
+    # (expert dispatch is the model's).
     "r1jax.parallel": 2,
     "r1jax.parallel.mesh": 2,
     "r1jax.parallel.rules": 2,
+    "r1jax.parallel.topology": 2,
     "r1jax.model.*": 3,
     "r1jax.data.*": 4,
     "r1jax.checkpoint.*": 4,
