@@ -269,7 +269,8 @@ def _topology_lines(p: Plan) -> list[str]:
     state = a["params"] + a["optimizer state (Adam mu, nu)"]
     peak = peak_bytes(c) + c["generated_code_size_in_bytes"]
     unit = _unit(max(peak, a["total"]))
-    rows = [("arguments (params, optimizer state, batch)", c["argument_size_in_bytes"], state),
+    rows = [("arguments (XLA: state + batch in TPU tiles; analytic: params + Adam)",
+             c["argument_size_in_bytes"], state),
             ("temporaries", c["temp_size_in_bytes"], a["total"] - state),
             ("peak + code", peak, a["total"])]
     lines = ["", f"compiled in {p.compile_seconds:.1f} s; {p.flops or 0:,.0f} flops per chip per step (XLA)",

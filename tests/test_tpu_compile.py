@@ -6,12 +6,9 @@ tests that need libtpu are skipped, with the reason, only when it is not importa
 linux x86_64 only: the `test` extra pins jax 0.10.2's libtpu there).
 """
 
-import contextlib
 import importlib.util
-import io
 import itertools
 import math
-import os
 import re
 
 import jax
@@ -25,7 +22,6 @@ from r1jax.parallel import topology as topology_lib
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu (the TPU compiler) is not installed: pip install 'libtpu==0.0.42.*'")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
 def _devices(name, slices=1):
@@ -56,6 +52,13 @@ def test_missing_libtpu_is_named_before_the_config_is_read(monkeypatch):
         from r1jax.plan import plan_command
 
         plan_command("no/such/config.yaml", topology="v5p-128")
+
+
+def test_plan_names_a_bad_topology_before_reading_the_config(capsys):
+    assert cli.main(["plan", "no/such/config.yaml", "--topology", "v9-8"]) == 2
+    assert "r1jax plan: error: --topology: unknown topology 'v9-8'" in capsys.readouterr().err
+    assert cli.main(["plan", "no/such/config.yaml", "--slices", "2"]) == 2
+    assert "--slices: only with --topology" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- meshes on real tori
