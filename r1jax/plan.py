@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax import config as config_lib
-from r1jax.config import ModelConfig, TrainConfig
+from r1jax.config import GRPOConfig, ModelConfig, TrainConfig
 from r1jax.errors import ConfigError
 from r1jax.model.params import param_table
 from r1jax.model.sharding import replicated_dims
@@ -202,14 +202,59 @@ MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_i
                  "generated_code_size_in_bytes")
 
 
-def _compile(cfg: TrainConfig, m: ModelConfig, mesh, result: Plan) -> None:
+def lower_grpo_update(cfg: GRPOConfig, mesh):
+    """GRPO's policy update (μ inner steps on one rollout batch; policy, Adam and, with β > 0, π_ref in
+    its state) traced and lowered from abstract inputs, sharded as `r1jax train` shards it."""
+    from r1jax.model.params import param_shapes
+    from r1jax.model.sharding import param_shardings
+    from r1jax.rl import grpo_loop
+    from r1jax.train import optimizer
+
+    m, tx = cfg.model, optimizer.build(cfg.optimizer, cfg.steps)
+    abstract = jax.eval_shape(lambda p: grpo_loop.init_state(p, tx, cfg), param_shapes(m))
+    state_sh = rules_lib.state_shardings(abstract, param_shardings(m, mesh, cfg.mesh), mesh)
+    shapes = grpo_loop.batch_shapes(cfg)
+    batch_sh = grpo_loop.batch_shardings(shapes, mesh, cfg.mesh)
+    update = grpo_loop.make_steps(m, cfg, tx, state_sh, batch_sh, mesh).update
+    with rules_lib.sharding_context(mesh, cfg.mesh):
+        return update.trace(_with_shardings(abstract, state_sh), _with_shardings(shapes, batch_sh)).lower()
+
+
+def _compile(lower, result: Plan) -> None:
     t = time.perf_counter()
-    compiled = lower_step(cfg, m, mesh).compile()
+    compiled = lower().compile()
     result.compile_seconds = time.perf_counter() - t
     stats = compiled.memory_analysis()
     result.compiled = {f: int(getattr(stats, f)) for f in MEMORY_FIELDS}
     cost = compiled.cost_analysis()
     result.flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
+
+
+def _tpu_hardware(topology: topology_lib.Topology, chips) -> Hardware:
+    slices = f" x {topology.slices} slices" if topology.slices > 1 else ""
+    return Hardware(f"{chips[0].device_kind} ({topology.layout}{slices})", topology_lib.hbm_bytes(chips[0]), "tpu")
+
+
+def plan_grpo(cfg: GRPOConfig, topology: topology_lib.Topology, *, name: str = "") -> Plan:
+    """GRPO's update compiled by XLA:TPU for `topology`. The analytic side is its state (exact); the
+    activation estimate is the train step's and is not repeated for the update."""
+    from r1jax.rl.grpo_loop import check_mesh
+
+    m = cfg.model
+    chips = topology_lib.topology_devices(topology)
+    sizes = mesh_lib.mesh_shape(cfg.mesh, len(chips), topology.slices)
+    check_mesh(cfg, m, sizes)
+    rows = cfg.prompts.batch_size * cfg.num_generations // rules_lib.split_of("batch", cfg.mesh, sizes)
+    state = state_bytes(m, cfg.mesh, sizes)
+    items = {"params": state["params"], "optimizer state (Adam mu, nu)": state["optimizer"],
+             "reference params (beta > 0)": state["params"] if cfg.beta > 0 else 0.0}
+    items["total"] = sum(items.values())
+    result = Plan(name, sizes, len(chips), _tpu_hardware(topology, chips), rows,
+                  cfg.prompts.seq_len + cfg.max_new_tokens, items, model=m, topology=topology)
+    mesh = mesh_lib.build_mesh(cfg.mesh, chips)
+    _compile(lambda: lower_grpo_update(cfg, mesh), result)
+    result.replicated = replicated_dims(m, mesh, cfg.mesh)
+    return result
 
 
 def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, name: str = "",
@@ -230,14 +275,12 @@ def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, na
         if len(chips) != devices:
             raise ConfigError(f"--devices: {topology.name} x {topology.slices} slice(s) has {len(chips)} "
                               f"devices, not {devices}")
-        kind = chips[0].device_kind
-        result.hardware = Hardware(f"{kind} ({topology.layout}" + (f" x {topology.slices} slices" if
-                                   topology.slices > 1 else "") + ")", topology_lib.hbm_bytes(chips[0]), "tpu")
+        result.hardware = _tpu_hardware(topology, chips)
         mesh = mesh_lib.build_mesh(cfg.mesh, chips)
-        _compile(cfg, m, mesh, result)
+        _compile(lambda: lower_step(cfg, m, mesh), result)
     elif compile and devices <= len(local) and (hardware is None or hardware.platform == local[0].platform):
         mesh = mesh_lib.build_mesh(cfg.mesh, local[:devices])
-        _compile(cfg, m, mesh, result)
+        _compile(lambda: lower_step(cfg, m, mesh), result)
     else:
         mesh = mesh_lib.abstract_mesh(cfg.mesh, devices)
         platform = hardware.platform if hardware else local[0].platform
@@ -258,6 +301,10 @@ def _fmt(x: float, unit: tuple[str, float]) -> str:
     return f"{x / unit[1]:,.2f}"
 
 
+# The analytic items that are the step's inputs (the state it donates and gets back).
+STATE_ITEMS = ("params", "optimizer state (Adam mu, nu)", "reference params (beta > 0)")
+
+
 def peak_bytes(c: dict[str, int]) -> int:
     """XLA's live buffers at the step's peak: inputs and outputs (donated ones once) and temporaries."""
     return c["argument_size_in_bytes"] + c["output_size_in_bytes"] - c["alias_size_in_bytes"] + c["temp_size_in_bytes"]
@@ -266,16 +313,16 @@ def peak_bytes(c: dict[str, int]) -> int:
 def _topology_lines(p: Plan) -> list[str]:
     """XLA:TPU beside the analytic estimate, then the verdict: the program's code sits in HBM too."""
     c, a, hbm = p.compiled, p.analytic, p.hardware.memory
-    state = a["params"] + a["optimizer state (Adam mu, nu)"]
+    state = sum(a.get(k, 0.0) for k in STATE_ITEMS)
+    rest = None if set(a) <= {*STATE_ITEMS, "total"} else a["total"] - state  # None: state only (GRPO)
     peak = peak_bytes(c) + c["generated_code_size_in_bytes"]
     unit = _unit(max(peak, a["total"]))
-    rows = [("arguments (XLA: state + batch in TPU tiles; analytic: params + Adam)",
-             c["argument_size_in_bytes"], state),
-            ("temporaries", c["temp_size_in_bytes"], a["total"] - state),
-            ("peak + code", peak, a["total"])]
+    rows = [("arguments (XLA: state + batch in TPU tiles; analytic: the state)", c["argument_size_in_bytes"], state),
+            ("temporaries", c["temp_size_in_bytes"], rest),
+            ("peak + code", peak, None if rest is None else a["total"])]
     lines = ["", f"compiled in {p.compile_seconds:.1f} s; {p.flops or 0:,.0f} flops per chip per step (XLA)",
              "", f"| per chip | XLA:TPU ({unit[0]}) | analytic ({unit[0]}) |", "|---|---:|---:|"]
-    lines += [f"| {k} | {_fmt(x, unit)} | {_fmt(e, unit)} |" for k, x, e in rows]
+    lines += [f"| {k} | {_fmt(x, unit)} | {'-' if e is None else _fmt(e, unit)} |" for k, x, e in rows]
     lines += ["", f"fits: {'yes' if peak <= hbm else 'no'}  peak {peak / 1e9:.2f} GB of {hbm / 1e9:.2f} GB per chip "
               f"({100 * peak / hbm:.1f}%)"]
     return lines
@@ -349,6 +396,20 @@ def load_plan_config(config_path, overrides=(), mesh_spec: str | None = None, *,
     return cfg, n
 
 
+def _grpo_config(config_path, overrides, mesh_spec, topo, batch_size, seq_len) -> GRPOConfig:
+    """A GRPO stage to plan: only its update is compiled, so only for a --topology."""
+    if topo is None:
+        raise ConfigError("--topology: planning a GRPO stage compiles its update for a TPU slice; give one")
+    if batch_size is not None or seq_len is not None:
+        raise ConfigError("--batch: a GRPO stage's rows are prompts.batch_size x num_generations and its length "
+                          "prompts.seq_len + max_new_tokens; set those keys instead of --batch/--seq-len")
+    extra = mesh_lib.parse_mesh_spec(mesh_spec) if mesh_spec else []
+    cfg = config_lib.load(GRPOConfig, config_path, list(overrides) + extra)
+    if cfg.model is None:
+        raise ConfigError("model: r1jax plan needs the architecture in the config (init_from is not read)")
+    return cfg
+
+
 def plan_command(config_path, overrides=(), mesh_spec: str | None = None, *, devices: int | None = None,
                  hardware: str | None = None, batch_size: int | None = None, seq_len: int | None = None,
                  compile: bool = True, topology: str | None = None, slices: int = 1, out=None) -> Plan:
@@ -370,6 +431,11 @@ def plan_command(config_path, overrides=(), mesh_spec: str | None = None, *, dev
         devices = n
     elif slices != 1:
         raise ConfigError("--slices: only with --topology")
+    if config_lib.read_yaml(config_path).get("stage") == "grpo":
+        result = plan_grpo(_grpo_config(config_path, overrides, mesh_spec, topo, batch_size, seq_len), topo,
+                           name=str(Path(config_path)))
+        print(format_plan(result), file=out or sys.stdout)
+        return result
     cfg, n = load_plan_config(config_path, overrides, mesh_spec, batch_size=batch_size, seq_len=seq_len,
                               devices=devices, slices=slices)
     result = plan(cfg, n, HARDWARE.get(hardware), name=str(Path(config_path)), compile=compile, topology=topo)

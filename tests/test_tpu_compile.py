@@ -120,6 +120,21 @@ def _tiled_bytes(shape, layout, itemsize):
     return math.prod(dims) * itemsize
 
 
+def _argument_bytes(lowered, compiled):
+    """[(tiled, unpadded) bytes per device] of each positional argument of a compiled step; None for
+    an argument with a leaf the step does not read (jit drops it from the compiled inputs)."""
+    out = []
+    for info, sh, fmt in zip(lowered.args_info[0], compiled.input_shardings[0], compiled.input_formats[0]):
+        infos, shs, fmts = jax.tree.leaves(info), jax.tree.leaves(sh), jax.tree.leaves(fmt)
+        if not len(infos) == len(shs) == len(fmts):
+            out.append(None)
+            continue
+        shards = [_physical(s.shard_shape(a.shape), a.dtype) for s, a in zip(shs, infos)]
+        out.append((sum(_tiled_bytes(shape, f.layout, b) for (shape, b), f in zip(shards, fmts)),
+                    sum(math.prod(shape) * b for shape, b in shards)))
+    return out
+
+
 def _physical(shape, dtype):
     """(shape, itemsize) as stored: a PRNG key is two uint32 words per key (threefry)."""
     if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
@@ -143,20 +158,37 @@ def test_tiny_v3_train_step_compiles_for_v5p_with_dropless_expert_parallelism():
     lowered = lower_step(cfg, cfg.model, mesh)
     compiled = lowered.compile()
     stats = compiled.memory_analysis()
-    shardings = jax.tree.leaves(compiled.input_shardings)
-    layouts = [f.layout for f in jax.tree.leaves(compiled.input_formats)]
-    infos = jax.tree.leaves(lowered.args_info)
-    assert len(shardings) == len(layouts) == len(infos)
-    shards = [_physical(s.shard_shape(a.shape), a.dtype) for s, a in zip(shardings, infos)]
-    tiled = sum(_tiled_bytes(sh, lay, b) for (sh, b), lay in zip(shards, layouts))
-    assert stats.argument_size_in_bytes == tiled
+    (state_tiled, state_raw), (batch_tiled, batch_raw) = _argument_bytes(lowered, compiled)
+    assert stats.argument_size_in_bytes == state_tiled + batch_tiled
+    assert stats.alias_size_in_bytes == state_tiled  # the donated state comes back in place
     a = analytic(cfg, cfg.model, dict(mesh.shape))
-    raw = sum(math.prod(sh) * b for sh, b in shards)
-    batch = len(BATCH_KEYS) * 64 * 4  # one int32 row of 64 tokens per device for each batch key
-    # Besides the state and the batch: three int32 scalars (the step, the optimizer's counts) and the
+    assert batch_raw == len(BATCH_KEYS) * 64 * 4  # one int32 row of 64 tokens per device for each key
+    # Besides params and Adam's μ, ν: three int32 scalars (the step, the optimizer's counts) and the
     # step's PRNG key (8 bytes). Measured 2026-12-02: 1,155,700 bytes unpadded, 2,654,208 as tiled by XLA.
-    assert raw - a["params"] - a["optimizer state (Adam mu, nu)"] - batch == 3 * 4 + 8
-    assert stats.temp_size_in_bytes > 0 and stats.alias_size_in_bytes >= a["params"]
+    assert state_raw - a["params"] - a["optimizer state (Adam mu, nu)"] == 3 * 4 + 8
+
+
+@needs_libtpu
+@pytest.mark.slow  # ~40-60 s
+def test_grpo_update_compiles_for_v5p_with_its_reference_model():
+    """GRPO's update with β > 0 carries π_ref beside the policy and Adam: its state on the chip is the
+    analytic params + Adam + reference params, donated and returned in place."""
+    from r1jax.config import GRPOConfig, load
+    from r1jax.plan import lower_grpo_update, state_bytes
+
+    cfg = load(GRPOConfig, "configs/train/tiny_grpo.yaml",
+               ["beta=0.04", "prompts.batch_size=1", "num_generations=4", "prompts.seq_len=16", "max_new_tokens=16",
+                "model.moe_dispatch=capacity_ep", "mesh.data=1", "mesh.expert=4"])
+    mesh = mesh_lib.build_mesh(cfg.mesh, _devices("v5p:2x2x1"))
+    lowered = lower_grpo_update(cfg, mesh)
+    compiled = lowered.compile()
+    stats = compiled.memory_analysis()
+    # The batch is not summed: jit drops a key the update does not read, so the compiled inputs do not
+    # pair with the batch's keys one to one.
+    (state_tiled, state_raw), _ = _argument_bytes(lowered, compiled)
+    assert stats.alias_size_in_bytes == state_tiled
+    s = state_bytes(cfg.model, cfg.mesh, dict(mesh.shape))
+    assert state_raw - 2 * s["params"] - s["optimizer"] == 3 * 4 + 8  # the counters and key, as above
 
 
 @needs_libtpu
