@@ -13,7 +13,8 @@ Two views of the same train step:
   train step compiled from abstract inputs; its argument bytes check the analytic state bytes.
 - Compiled for a TPU topology (`--topology v5p-128`, with libtpu installed): the same step compiled by
   XLA:TPU for that slice's compile-only devices (parallel/topology.py), on this CPU host; its
-  `memory_analysis()` is the per-chip memory, checked against the chip's HBM.
+  `memory_analysis()` is the per-chip memory, checked against the chip's HBM. A GRPO stage's config
+  compiles its policy update instead (analytic side: its state, policy + Adam + π_ref).
 """
 
 from __future__ import annotations
@@ -414,7 +415,8 @@ def plan_command(config_path, overrides=(), mesh_spec: str | None = None, *, dev
                  hardware: str | None = None, batch_size: int | None = None, seq_len: int | None = None,
                  compile: bool = True, topology: str | None = None, slices: int = 1, out=None) -> Plan:
     """`r1jax plan CONFIG [key=value ...] --mesh data=2,expert=4 [--devices N] [--hardware h100]
-    [--topology v5p-128 [--slices 2]]`: print the per-device memory table and return the Plan."""
+    [--topology v5p-128 [--slices 2]]`: print the per-device memory table and return the Plan. A GRPO
+    stage's update is planned with a --topology only."""
     if hardware is not None and hardware not in HARDWARE:
         raise ConfigError(f"--hardware: unknown {hardware!r}; valid: {', '.join(HARDWARE)}")
     topo = None
