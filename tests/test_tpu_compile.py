@@ -99,6 +99,12 @@ def test_two_slices_build_a_hybrid_mesh_with_data_across_slices():
     assert [{x.slice_index for x in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
 
 
+@needs_libtpu
+def test_slices_without_cross_slice_factors_are_refused():
+    with pytest.raises(ConfigError, match=r"mesh.dcn_data: the devices are 2 TPU slices.*mesh.dcn_data=2"):
+        mesh_lib.build_mesh(MeshConfig(data=2, fsdp=2, expert=2), _devices("v5p:2x2x1", slices=2))
+
+
 def test_cpu_meshes_are_unchanged():
     cfg = MeshConfig(data=2, fsdp=2, expert=2)
     mesh = mesh_lib.build_mesh(cfg, jax.devices()[:8])

@@ -170,6 +170,10 @@ def build_mesh(cfg: MeshConfig, devices=None) -> Mesh:
         shape = mesh_shape(cfg, len(devices))
         sizes = tuple(shape[a] for a in MESH_AXES)
         if tpu:
+            slices = len({getattr(d, "slice_index", 0) for d in devices})
+            if slices > 1:  # jax.make_mesh refuses these too: a mesh axis would silently cross the DCN
+                raise ConfigError(f"mesh.dcn_data: the devices are {slices} TPU slices; set the cross-slice "
+                                  f"factors (e.g. mesh.dcn_data={slices}) so only those axes cross slices")
             return Mesh(_tpu_grid(list(sizes), devices), MESH_AXES, axis_types=types)
         return jax.make_mesh(sizes, MESH_AXES, axis_types=types, devices=devices)
     from jax.experimental import mesh_utils
