@@ -3,8 +3,8 @@ float64 reference and against the materialized "dot" path it replaces: the kerne
 attention, whole tiny models (logits and parameter gradients), the sampler's prefill, the memory XLA
 plans for forward+backward at T = 8192, and the config field.
 
-Block sizes are small here (8 queries × 16 keys, and the reverse) so that a 37-token row spans several
-blocks, none of them full at the end.
+Block sizes are small here (8 queries × 16 keys; the kernel tests also the reverse) so that a 37-token
+row spans several blocks, none of them full at the end.
 """
 
 import functools
@@ -26,12 +26,13 @@ T = 37  # not a multiple of any block below
 SEGMENTS = np.array([[1] * 9 + [2] * 13 + [3] * 8 + [0] * 7, [5] * T], np.int32)
 
 
-@pytest.fixture(autouse=True, params=[(8, 16), (16, 8)], ids=["q8k16", "q16k8"])
-def small_blocks(request, monkeypatch):
-    """The configured "chunked" entry with small blocks (blockwise() reads the table at each call)."""
-    bq, bk = request.param
-    monkeypatch.setitem(flash.IMPLEMENTATIONS, "chunked", functools.partial(flash.chunked, block_q=bq, block_k=bk))
-    return bq, bk
+BLOCKS = [(8, 16), (16, 8)]  # (block_q, block_k), the kernel tests run both
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """The configured "chunked" entry with 8 × 16 blocks (blockwise() reads the table at each call)."""
+    monkeypatch.setitem(flash.IMPLEMENTATIONS, "chunked", functools.partial(flash.chunked, block_q=8, block_k=16))
 
 
 def _tiny(name, **kw):
@@ -67,40 +68,43 @@ def _dot(q, k, v, q_seg, k_seg, scale):
     return dense.mix(jax.nn.softmax(s, axis=-1), kv)
 
 
-def _chunked(q, k, v, q_seg, k_seg, scale):
-    return flash.IMPLEMENTATIONS["chunked"](q, {"k": k, "v": v}, dense.scores, dense.mix, q_seg, k_seg, scale)
+def _chunked(q, k, v, q_seg, k_seg, scale, blocks):
+    return flash.chunked(q, {"k": k, "v": v}, dense.scores, dense.mix, q_seg, k_seg, scale, *blocks)
 
 
 def _grads(f, q, k, v, ct, *args):
     return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v, *args) * ct), argnums=(0, 1, 2))(q, k, v)
 
 
-def test_kernel_matches_float64_and_dot_forward_and_gradient():
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_kernel_matches_float64_and_dot_forward_and_gradient(blocks):
     """GQA (3 query heads per kv head), K ≠ V, packed segments + padding, T not a multiple of a block."""
     q, k, v, ct = _gqa_inputs()
     seg = jnp.asarray(SEGMENTS)
-    out = _chunked(q, k, v, seg, seg, 0.3)
+    out = _chunked(q, k, v, seg, seg, 0.3, blocks)
     ref = _np_attention(q, k, v, SEGMENTS, SEGMENTS, 0.3).reshape(out.shape)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
     np.testing.assert_allclose(out, _dot(q, k, v, seg, seg, 0.3), atol=1e-5, rtol=0)
-    for name, a, b in zip("qkv", _grads(_chunked, q, k, v, ct, seg, seg, 0.3), _grads(_dot, q, k, v, ct, seg, seg, 0.3)):
+    for name, a, b in zip("qkv", _grads(_chunked, q, k, v, ct, seg, seg, 0.3, blocks),
+                          _grads(_dot, q, k, v, ct, seg, seg, 0.3)):
         assert float(jnp.abs(b).max()) > 0.1, name  # a gradient that is there to compare
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
 
 
-def test_rows_without_a_visible_key_match_dot():
+@pytest.mark.parametrize("blocks", BLOCKS)
+def test_rows_without_a_visible_key_match_dot(blocks):
     """The sampler's prefill masks keys only (queries are all segment 1): a row whose valid keys are none
     (row 1: no valid key at all; row 0: keys valid from position 20 on, so queries 0..19 see nothing)
     gets dot's uniform average over all keys, forward and backward, on the whole output."""
     q, k, v, ct = _gqa_inputs(seed=1)
     q_seg = jnp.ones((2, T), jnp.int32)
     k_seg = jnp.asarray(np.stack([np.arange(T) >= 20, np.zeros(T, bool)]).astype(np.int32))
-    out = _chunked(q, k, v, q_seg, k_seg, 0.5)
+    out = _chunked(q, k, v, q_seg, k_seg, 0.5, blocks)
     ref = _np_attention(q, k, v, np.asarray(q_seg), np.asarray(k_seg), 0.5).reshape(out.shape)
     np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
     # Those rows really are the mean of v over all keys (not over the key blocks the causal loop visits).
     np.testing.assert_allclose(out[1, 0], jnp.repeat(v[1].mean(0), 3, axis=0), atol=1e-6)
-    for name, a, b in zip("qkv", _grads(_chunked, q, k, v, ct, q_seg, k_seg, 0.5),
+    for name, a, b in zip("qkv", _grads(_chunked, q, k, v, ct, q_seg, k_seg, 0.5, blocks),
                           _grads(_dot, q, k, v, ct, q_seg, k_seg, 0.5)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
 
@@ -130,7 +134,8 @@ def test_mla_attention_chunked_equals_dot():
         cfg = dot_cfg.replace(attention_impl=impl)
         f = lambda p, x: attention.attend(p, x, positions, seg, cfg)  # noqa: E731
         ct = jax.random.normal(jax.random.PRNGKey(7), x.shape)
-        results[impl] = (f(p, x), jax.grad(lambda p, x: jnp.sum(f(p, x) * ct), argnums=(0, 1))(p, x))
+        results[impl] = jax.jit(lambda p, x: (f(p, x), jax.grad(lambda p, x: jnp.sum(f(p, x) * ct),
+                                                                  argnums=(0, 1))(p, x)))(p, x)
     (y_dot, g_dot), (y_ch, g_ch) = results["dot"], results["chunked"]
     np.testing.assert_allclose(y_ch, y_dot, atol=1e-5, rtol=0)
     flat_dot, flat_ch = jax.tree_util.tree_leaves_with_path(g_dot), jax.tree.leaves(g_ch)
@@ -147,6 +152,7 @@ def _loss(params, tokens, seg, positions, cfg):
     return jnp.sum(nll * counted) / jnp.sum(counted)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny_v3", "tiny_qwen2_student"])
 def test_whole_model_chunked_equals_dot(name):
     """r1jax.model.apply (logits, padding rows included) and the loss's gradient w.r.t. every parameter."""
@@ -158,8 +164,8 @@ def test_whole_model_chunked_equals_dot(name):
     out = {}
     for impl in ("dot", "chunked"):
         cfg = dot_cfg.replace(attention_impl=impl)
-        logits = apply(params, tokens, cfg, positions, seg)["logits"]
-        out[impl] = (logits, jax.grad(_loss)(params, tokens, seg, positions, cfg))
+        out[impl] = jax.jit(lambda p: (apply(p, tokens, cfg, positions, seg)["logits"],
+                                       jax.grad(_loss)(p, tokens, seg, positions, cfg)))(params)
     np.testing.assert_allclose(out["chunked"][0], out["dot"][0], atol=1e-5, rtol=0)
     leaves = jax.tree_util.tree_leaves_with_path(out["dot"][1])
     assert len(leaves) > 10
@@ -167,12 +173,12 @@ def test_whole_model_chunked_equals_dot(name):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("name,cache", [("tiny_v3", "latent"), ("tiny_v3", "expanded"), ("tiny_qwen2_student", None)])
-def test_sampler_chunked_prefill_same_greedy_tokens(name, cache, small_blocks):
+@pytest.mark.parametrize("name,cache", [pytest.param("tiny_v3", "latent", marks=pytest.mark.slow),
+                                        pytest.param("tiny_v3", "expanded", marks=pytest.mark.slow),
+                                        ("tiny_qwen2_student", None)])
+def test_sampler_chunked_prefill_same_greedy_tokens(name, cache):
     """Ragged prompts in a 32-slot bucket (several blocks, padding keys masked): the same greedy tokens,
     and every step's logits to 1e-5, whether the prefill is dot or chunked."""
-    if small_blocks != (8, 16):
-        pytest.skip("one block shape is enough for the sampler")
     dot_cfg = _tiny(name)
     params = P.init_params(dot_cfg, jax.random.PRNGKey(3))
     rng = np.random.default_rng(0)
@@ -191,11 +197,9 @@ def _peak_bytes(f, *args) -> tuple[int, int]:
     return m.temp_size_in_bytes, m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
 
 
-def test_memory_linear_at_8192(small_blocks):
+def test_memory_linear_at_8192():
     """Forward+backward at T = 8192 (one row, 2 heads, K = 16, V = 8): chunked (default 512 blocks)
     plans under a quarter of dot's memory (dot's [1,2,T,T] f32 scores alone are 512 MiB)."""
-    if small_blocks != (8, 16):
-        pytest.skip("uses the default blocks; once is enough")
     n = 8192
     q = jax.ShapeDtypeStruct((1, n, 2, 1, 16), jnp.float32)
     k = jax.ShapeDtypeStruct((1, n, 2, 16), jnp.float32)
