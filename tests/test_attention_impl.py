@@ -109,6 +109,14 @@ def test_rows_without_a_visible_key_match_dot(blocks):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
 
 
+def test_chunked_needs_one_sequence():
+    """Causal by index means queries and keys are the same positions; anything else is refused."""
+    q, k, v, _ = _gqa_inputs()
+    seg = jnp.asarray(SEGMENTS)
+    with pytest.raises(ValueError, match="T=37, S=30"):
+        flash.chunked(q, {"k": k[:, :30], "v": v[:, :30]}, dense.scores, dense.mix, seg, seg[:, :30], 0.3)
+
+
 def _positions():
     """Rope positions restarting at each segment of SEGMENTS (as packing writes them)."""
     return jnp.asarray(np.stack([np.concatenate([np.arange(n) for n in (9, 13, 8, 7)]), np.arange(T)]))

@@ -14,8 +14,9 @@ Cache modes, per architecture (`arch.py`; `CACHES`, the first listed is the defa
 - dense "gqa": rotated keys and values per kv head [G,K]; each is read by its J query heads.
 
 Keys carry their rope rotation, so a cache slot need not equal the token's position. The modes reuse
-the model's projections (`attention.queries/latent_kv/output`, `dense.project/output`); only attention
-over the cache is here.
+the model's projections (`attention.queries/latent_kv/output`, `dense.project/scores/mix/output`); only
+attention over the cache is here. A mode's `scores` and `mix` are also what the blockwise attention of
+the prefill (flash.py, `attention_impl`) runs over blocks of the prompt.
 """
 
 from __future__ import annotations
