@@ -7,7 +7,6 @@ Block sizes are small here (8 queries × 16 keys; the kernel tests also the reve
 row spans several blocks, none of them full at the end.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,16 @@ BLOCKS = [(8, 16), (16, 8)]  # (block_q, block_k), the kernel tests run both
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    """The configured "chunked" entry with 8 × 16 blocks (blockwise() reads the table at each call)."""
-    monkeypatch.setitem(flash.IMPLEMENTATIONS, "chunked", functools.partial(flash.chunked, block_q=8, block_k=16))
+    """The configured "chunked" entry with 8 × 16 blocks (blockwise() reads the table at each call);
+    returns the list of its calls' query shapes, so a test can see the model really ran it."""
+    calls = []
+
+    def chunked(q, *args):
+        calls.append(jax.tree.map(jnp.shape, q))
+        return flash.chunked(q, *args, block_q=8, block_k=16)
+
+    monkeypatch.setitem(flash.IMPLEMENTATIONS, "chunked", chunked)
+    return calls
 
 
 def _tiny(name, **kw):
@@ -129,7 +136,7 @@ def _mla_inputs(cfg, seed=0):
     return p, x, _positions()
 
 
-def test_mla_attention_chunked_equals_dot():
+def test_mla_attention_chunked_equals_dot(small_blocks):
     """attention.attend on tiny V3 (YaRN: the mscale² softmax scale; K = 32 ≠ V = 16), packed rows:
     output and gradients w.r.t. the input and every attention parameter."""
     dot_cfg = _tiny("tiny_v3")
@@ -144,6 +151,7 @@ def test_mla_attention_chunked_equals_dot():
         ct = jax.random.normal(jax.random.PRNGKey(7), x.shape)
         results[impl] = jax.jit(lambda p, x: (f(p, x), jax.grad(lambda p, x: jnp.sum(f(p, x) * ct),
                                                                   argnums=(0, 1))(p, x)))(p, x)
+    assert small_blocks  # the chunked run went through the table
     (y_dot, g_dot), (y_ch, g_ch) = results["dot"], results["chunked"]
     np.testing.assert_allclose(y_ch, y_dot, atol=1e-5, rtol=0)
     flat_dot, flat_ch = jax.tree_util.tree_leaves_with_path(g_dot), jax.tree.leaves(g_ch)
@@ -162,7 +170,7 @@ def _loss(params, tokens, seg, positions, cfg):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny_v3", "tiny_qwen2_student"])
-def test_whole_model_chunked_equals_dot(name):
+def test_whole_model_chunked_equals_dot(name, small_blocks):
     """r1jax.model.apply (logits, padding rows included) and the loss's gradient w.r.t. every parameter."""
     dot_cfg = _tiny(name)
     params = P.init_params(dot_cfg, jax.random.PRNGKey(0))
@@ -174,6 +182,7 @@ def test_whole_model_chunked_equals_dot(name):
         cfg = dot_cfg.replace(attention_impl=impl)
         out[impl] = jax.jit(lambda p: (apply(p, tokens, cfg, positions, seg)["logits"],
                                        jax.grad(_loss)(p, tokens, seg, positions, cfg)))(params)
+    assert small_blocks  # the chunked run went through the table (a scanned stack traces its layer once)
     np.testing.assert_allclose(out["chunked"][0], out["dot"][0], atol=1e-5, rtol=0)
     leaves = jax.tree_util.tree_leaves_with_path(out["dot"][1])
     assert len(leaves) > 10
@@ -184,7 +193,7 @@ def test_whole_model_chunked_equals_dot(name):
 @pytest.mark.parametrize("name,cache", [pytest.param("tiny_v3", "latent", marks=pytest.mark.slow),
                                         pytest.param("tiny_v3", "expanded", marks=pytest.mark.slow),
                                         ("tiny_qwen2_student", None)])
-def test_sampler_chunked_prefill_same_greedy_tokens(name, cache):
+def test_sampler_chunked_prefill_same_greedy_tokens(name, cache, small_blocks):
     """Ragged prompts in a 32-slot bucket (several blocks, padding keys masked): the same greedy tokens,
     and every step's logits to 1e-5, whether the prefill is dot or chunked."""
     dot_cfg = _tiny(name)
@@ -194,6 +203,7 @@ def test_sampler_chunked_prefill_same_greedy_tokens(name, cache):
     runs = {impl: sampler.sample(params, dot_cfg.replace(attention_impl=impl), prompts, max_new_tokens=6,
                                  temperature=0.0, cache=cache, bucket=32, return_logits=True)
             for impl in ("dot", "chunked")}
+    assert small_blocks  # the prefill ran the chunked entry (decode steps keep the cache's own form)
     np.testing.assert_array_equal(runs["chunked"].tokens, runs["dot"].tokens)
     np.testing.assert_allclose(runs["chunked"].logits, runs["dot"].logits, atol=1e-5, rtol=0)
     assert len(set(map(tuple, runs["dot"].tokens.tolist()))) > 1  # rows differ: the prompts matter
