@@ -17,7 +17,7 @@ from r1jax.config.loader import (UNION_BUILDERS, Choice, FrozenDict, resolve_inc
 from r1jax.config.mesh import DCN_AXES, DEFAULT_RULES, MESH_AXES, MeshConfig
 from r1jax.config.model import (DEEPSEEK_ARCHITECTURES, DENSE_ARCHITECTURES, DENSE_MODEL_TYPES, DENSE_ROPE_TYPES,
                                 DTYPES, HF_MODEL_TYPES, MODEL_CONFIGS, DenseConfig, Dtype, ModelConfig,
-                                MoeDispatch, RematPolicy, config_from_hf, load_model, model_from_dict)
+                                MoeDispatch, RematPolicy, AttentionImpl, config_from_hf, load_model, model_from_dict)
 from r1jax.config.stages import (STAGES, VERIFIER_NAMES, CheckpointConfig, DataConfig, DataKind, DistillConfig,
                                  EvalConfig, GRPOConfig, OptimizerConfig, Packing, PipelineConfig, RejectionConfig,
                                  RewardSpec, StageKind, StageSpec, TaskConfig, TrainConfig, VerifierName, load_stage)
@@ -28,7 +28,7 @@ __all__ = [
     "ConfigError", "FrozenDict", "thaw", "need", "from_dict", "to_dict", "parse_override", "apply_overrides",
     "read_yaml", "load_dict", "load", "UNION_BUILDERS",
     # strategy names
-    "Choice", "names", "check_choice", "check_names", "Dtype", "DTYPES", "MoeDispatch", "RematPolicy",
+    "Choice", "names", "check_choice", "check_names", "Dtype", "DTYPES", "MoeDispatch", "RematPolicy", "AttentionImpl",
     "DataKind", "Packing", "StageKind", "VerifierName", "VERIFIER_NAMES",
     # models
     "ModelConfig", "DenseConfig", "HF_MODEL_TYPES", "DEEPSEEK_ARCHITECTURES", "DENSE_MODEL_TYPES",

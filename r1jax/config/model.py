@@ -25,6 +25,10 @@ DTYPES = typing.get_args(Dtype)
 MoeDispatch = Annotated[Literal["dense", "ragged", "capacity", "capacity_ep", "ragged_ep"], Choice("strategy")]
 # What a decoder layer keeps for the backward pass (r1jax/model/transformer.py REMAT_POLICIES).
 RematPolicy = Annotated[Literal["none", "full", "dots", "dots_no_batch"], Choice("policy")]
+# How training attention and the sampler's prefill compute softmax(q·k)·v (r1jax/model/flash.py
+# IMPLEMENTATIONS): "dot" materializes the [B,H,T,T] fp32 scores (the reference); "chunked" is online
+# softmax over query × key blocks with a recomputing backward, memory linear in T (long sequences).
+AttentionImpl = Annotated[Literal["dot", "chunked"], Choice("attention implementation")]
 
 # ---- the HF side: model_type -> architectures entry, and what transformers assumes for absent keys
 
@@ -206,6 +210,10 @@ class ModelConfig(_HFModel):
     moe_dispatch: MoeDispatch = _r1(default="ragged")
     capacity_factor: float = _r1(default=1.25)
     remat_policy: RematPolicy = _r1(default="none")
+    # Full-sequence attention: "dot" (scores materialized, O(T²) memory) or "chunked" (blockwise
+    # online softmax, O(T) memory forward and backward; same result to fp32 rounding). Decode steps
+    # always use the cache's own form. See docs/deepseek_v3.md §3 and r1jax/model/flash.py.
+    attention_impl: AttentionImpl = _r1(default="dot")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -264,6 +272,7 @@ class ModelConfig(_HFModel):
             self._validate_rope()
         check_choice(self.moe_dispatch, MoeDispatch, "moe_dispatch")
         check_choice(self.remat_policy, RematPolicy, "remat_policy")
+        check_choice(self.attention_impl, AttentionImpl, "attention_impl")
 
     def _validate_routing(self):
         need(self.moe_intermediate_size > 0, "moe_intermediate_size", "must be positive")
@@ -371,6 +380,10 @@ class DenseConfig(_HFModel):
     dtype: Dtype = _r1(default="float32")
     param_dtype: Dtype = _r1(default="float32")
     remat_policy: RematPolicy = _r1(default="none")
+    # Full-sequence attention: "dot" (scores materialized, O(T²) memory) or "chunked" (blockwise
+    # online softmax, O(T) memory forward and backward; same result to fp32 rounding). Decode steps
+    # always use the cache's own form. See docs/deepseek_v3.md §3 and r1jax/model/flash.py.
+    attention_impl: AttentionImpl = _r1(default="dot")
 
     def __post_init__(self):
         if self.attention_bias is None:
@@ -432,6 +445,7 @@ class DenseConfig(_HFModel):
         if self.rope_scaling is not None:
             self._validate_rope()
         check_choice(self.remat_policy, RematPolicy, "remat_policy")
+        check_choice(self.attention_impl, AttentionImpl, "attention_impl")
 
     def _validate_hf_extra(self):
         """HF options that would change the math r1jax computes are rejected, not silently ignored."""

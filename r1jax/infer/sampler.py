@@ -53,7 +53,7 @@ def _ffn(is_moe: bool, valid, cfg):
     return decoder.dense_ffn
 
 
-def _layers(params, h, positions, valid, new_mask, cache, old_mask, cfg, mode: CacheMode):
+def _layers(params, h, positions, valid, cache, old_mask, cfg, mode: CacheMode):
     """Every decoder group of the architecture, each a lax.scan over its stacked params (and cache
     slices). -> h [B,T,D], {group: new entries stacked [Y,B,T,...]}."""
     rot = rope.tables(positions, cfg)  # same positions in every layer: computed once per step
@@ -65,7 +65,7 @@ def _layers(params, h, positions, valid, new_mask, cache, old_mask, cfg, mode: C
 
         def body(carry, xs, ffn=ffn):
             p, old = xs
-            attend = lambda pa, x: attend_cached(pa, x, *rot, new_mask, old, old_mask, cfg, mode)  # noqa: E731
+            attend = lambda pa, x: attend_cached(pa, x, *rot, valid, old, old_mask, cfg, mode)  # noqa: E731
             h, new, _ = decoder.layer(p, carry, cfg, attend, ffn, hidden_axes=None)
             return h, new
 
@@ -128,10 +128,8 @@ def _prefill(params, tokens, lengths, cfg: ModelConfig, mode: CacheMode):
     -> logits at each row's last prompt token [B,W], cache entries {group: [Y,B,P,...]}."""
     B, P = tokens.shape
     valid = jnp.arange(P)[None, :] < lengths[:, None]
-    causal = jnp.tril(jnp.ones((P, P), bool))[None] & valid[:, None, :]
     positions = jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P))
-    h, entries = _layers(params, decoder.embed(params, tokens, cfg), positions, valid, causal, None, None,
-                         cfg, mode)
+    h, entries = _layers(params, decoder.embed(params, tokens, cfg), positions, valid, None, None, cfg, mode)
     last = h[jnp.arange(B), lengths - 1][:, None]
     return _logits(params, last, cfg)[:, 0], entries
 
@@ -142,7 +140,7 @@ def _decode(params, tok, i, lengths, kv, P: int, cfg: ModelConfig, mode: CacheMo
     slots = jnp.arange(jax.tree.leaves(kv)[0].shape[2])[None]
     old_mask = (slots < lengths[:, None]) | ((slots >= P) & (slots < P + i))
     h, new = _layers(params, decoder.embed(params, tok[:, None], cfg), (lengths + i)[:, None],
-                     jnp.ones((B, 1), bool), jnp.ones((B, 1, 1), bool), kv, old_mask, cfg, mode)
+                     jnp.ones((B, 1), bool), kv, old_mask, cfg, mode)
     kv = jax.tree.map(lambda c, e: jax.lax.dynamic_update_slice_in_dim(c, e, P + i, axis=2), kv, new)
     return _logits(params, h, cfg)[:, 0], kv
 

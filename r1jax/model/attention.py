@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import r1jax.model.flash as flash
 import r1jax.model.rope as rope
 from r1jax.config import ModelConfig
 from r1jax.model.layers import rms_norm
@@ -21,7 +22,7 @@ from r1jax.parallel.rules import constrain
 # Per-head activations are split like the heads of the weights (tensor parallelism); no-ops without a mesh.
 PER_HEAD = ("batch", "length", "act_heads", None)
 
-NEG_INF = -1e30  # finite, so a fully masked row (padding) gives uniform weights instead of NaN
+NEG_INF = flash.NEG_INF
 
 
 def queries(p: dict, x: jax.Array, cos, sin, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -55,6 +56,19 @@ def mask(segment_ids: jax.Array) -> jax.Array:
     return (causal[None] & same)[:, None]
 
 
+def scores(q: tuple, kv: dict) -> jax.Array:
+    """(q_nope [B,T,H,N], q_rope [B,T,H,R]) · (k_nope [B,S,H,N], shared k_rope [B,S,R]) -> [B,T,H,S] f32,
+    unscaled: the blockwise implementations' form of the scores `attend` computes."""
+    q_nope, q_rope = q
+    s = jnp.einsum("BTHN,BSHN->BTHS", q_nope, kv["k_nope"], preferred_element_type=jnp.float32)
+    return s + jnp.einsum("BTHR,BSR->BTHS", q_rope, kv["k_rope"], preferred_element_type=jnp.float32)
+
+
+def mix(weights: jax.Array, kv: dict) -> jax.Array:
+    """weights [B,T,H,S] · v [B,S,H,V] -> [B,T,H,V]."""
+    return jnp.einsum("BTHS,BSHV->BTHV", weights.astype(kv["v"].dtype), kv["v"])
+
+
 def output(p: dict, ctx: jax.Array) -> jax.Array:
     """ctx [B,T,H,V] -> [B,T,D]."""
     y = jnp.einsum("BTHV,HVD->BTD", ctx, p["o"])
@@ -68,9 +82,14 @@ def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, 
     c, k_rope = latent_kv(p, x, cos, sin, cfg)
     kv = constrain(jnp.einsum("BSL,LHC->BSHC", c, p["kv_b"]), PER_HEAD)
     k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]
+    impl = flash.blockwise(cfg)
+    if impl is not None:
+        ctx = impl((q_nope, q_rope), {"k_nope": k_nope, "k_rope": k_rope, "v": v}, scores, mix,
+                   segment_ids, segment_ids, rope.softmax_scale(cfg))
+        return output(p, constrain(ctx, PER_HEAD))
     # q·k = q_nope·k_nope + q_rope·k_rope; the rope key is one head shared by all (docs/deepseek_v3.md §3).
-    scores = jnp.einsum("BTHN,BSHN->BHTS", q_nope, k_nope, preferred_element_type=jnp.float32)
-    scores += jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask(segment_ids), scores * rope.softmax_scale(cfg), NEG_INF)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    s = jnp.einsum("BTHN,BSHN->BHTS", q_nope, k_nope, preferred_element_type=jnp.float32)
+    s += jnp.einsum("BTHR,BSR->BHTS", q_rope, k_rope, preferred_element_type=jnp.float32)
+    s = jnp.where(mask(segment_ids), s * rope.softmax_scale(cfg), NEG_INF)
+    weights = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return output(p, constrain(jnp.einsum("BHTS,BSHV->BTHV", weights, v), PER_HEAD))

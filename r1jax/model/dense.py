@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import r1jax.model.decoder as decoder
+import r1jax.model.flash as flash
 import r1jax.model.rope as rope
 from r1jax.config import DenseConfig
 from r1jax.model.attention import NEG_INF, PER_HEAD, mask
@@ -56,6 +57,22 @@ def grouped(q: jax.Array, num_kv_heads: int) -> jax.Array:
     return q.reshape(B, T, num_kv_heads, H // num_kv_heads, K)
 
 
+def scores(q: jax.Array, kv: dict) -> jax.Array:
+    """Grouped q [B,T,G,J,K] · k [B,S,G,K] -> [B,T,H,S] f32, unscaled (the cache's and the blockwise
+    implementations' layout)."""
+    B, T, G, J, _ = q.shape
+    s = jnp.einsum("BTGJK,BSGK->BTGJS", q, kv["k"], preferred_element_type=jnp.float32)
+    return s.reshape(B, T, G * J, -1)
+
+
+def mix(weights: jax.Array, kv: dict) -> jax.Array:
+    """weights [B,T,H,S] · v [B,S,G,K] -> [B,T,H,K] (query head h reads kv head h // J)."""
+    B, T, H, S = weights.shape
+    G = kv["v"].shape[2]
+    w = weights.reshape(B, T, G, H // G, S).astype(kv["v"].dtype)
+    return jnp.einsum("BTGJS,BSGK->BTGJK", w, kv["v"]).reshape(B, T, H, -1)
+
+
 def output(p: dict, ctx: jax.Array) -> jax.Array:
     """ctx [B,T,H,K] -> [B,T,D]."""
     y = jnp.einsum("BTHK,HKD->BTD", ctx, p["o"])
@@ -67,9 +84,13 @@ def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, 
     cos, sin = rope.tables(positions, cfg)
     q, k, v = project(p, x, cos, sin, cfg)
     qg = grouped(q, cfg.num_key_value_heads)
-    scores = jnp.einsum("BTGJK,BSGK->BGJTS", qg, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask(segment_ids)[:, :, None], scores * softmax_scale(cfg), NEG_INF)
-    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # fp32 softmax (docs/deepseek_v3.md §10)
+    impl = flash.blockwise(cfg)
+    if impl is not None:
+        ctx = impl(qg, {"k": k, "v": v}, scores, mix, segment_ids, segment_ids, softmax_scale(cfg))
+        return output(p, constrain(ctx, PER_HEAD))
+    s = jnp.einsum("BTGJK,BSGK->BGJTS", qg, k, preferred_element_type=jnp.float32)
+    s = jnp.where(mask(segment_ids)[:, :, None], s * softmax_scale(cfg), NEG_INF)
+    weights = jax.nn.softmax(s, axis=-1).astype(v.dtype)  # fp32 softmax (docs/deepseek_v3.md §10)
     ctx = jnp.einsum("BGJTS,BSGK->BTGJK", weights, v).reshape(q.shape)
     return output(p, constrain(ctx, PER_HEAD))
 

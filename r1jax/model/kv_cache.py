@@ -14,8 +14,9 @@ Cache modes, per architecture (`arch.py`; `CACHES`, the first listed is the defa
 - dense "gqa": rotated keys and values per kv head [G,K]; each is read by its J query heads.
 
 Keys carry their rope rotation, so a cache slot need not equal the token's position. The modes reuse
-the model's projections (`attention.queries/latent_kv/output`, `dense.project/output`); only attention
-over the cache is here.
+the model's projections (`attention.queries/latent_kv/output`, `dense.project/scores/mix/output`); only
+attention over the cache is here. A mode's `scores` and `mix` are also what the blockwise attention of
+the prefill (flash.py, `attention_impl`) runs over blocks of the prompt.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 
 import r1jax.model.attention as attention
 import r1jax.model.dense as dense
+import r1jax.model.flash as flash
 import r1jax.model.rope as rope
 from r1jax.config import DenseConfig, ModelConfig
 from r1jax.errors import ConfigError
@@ -104,19 +106,6 @@ def _gqa_project(p, x, cos, sin, cfg):
     return dense.grouped(q, cfg.num_key_value_heads), {"k": k, "v": v}
 
 
-def _gqa_scores(q, entry):
-    B, T, G, J, _ = q.shape
-    s = jnp.einsum("BTGJK,BSGK->BTGJS", q, entry["k"], preferred_element_type=jnp.float32)
-    return s.reshape(B, T, G * J, -1)
-
-
-def _gqa_mix(weights, entry):
-    B, T, H, S = weights.shape
-    G = entry["v"].shape[2]
-    w = weights.reshape(B, T, G, H // G, S).astype(entry["v"].dtype)
-    return jnp.einsum("BTGJS,BSGK->BTGJK", w, entry["v"]).reshape(B, T, H, -1)
-
-
 def _gqa_output(p, ctx, cfg):
     return dense.output(p, ctx)
 
@@ -159,7 +148,7 @@ CACHES = {
                               _expanded_widths),
     },
     "dense": {
-        "gqa": CacheMode(_gqa_project, _gqa_scores, _gqa_mix, _gqa_output, _gqa_widths, dense.softmax_scale),
+        "gqa": CacheMode(_gqa_project, dense.scores, dense.mix, _gqa_output, _gqa_widths, dense.softmax_scale),
     },
 }
 # Every mode name of every architecture (to check a name before the model, and so its architecture, is known).
@@ -190,13 +179,23 @@ def cache_bytes_per_token(cfg: ModelConfig | DenseConfig, cache: str | None = No
 # --------------------------------------------------------------------------- attention over the cache
 
 
-def attend_cached(p, x, cos, sin, new_mask, old, old_mask, cfg: ModelConfig, mode: CacheMode):
+def attend_cached(p, x, cos, sin, new_valid, old, old_mask, cfg: ModelConfig, mode: CacheMode):
     """Attention for T new tokens over the cached entries `old` (None at prefill) and themselves.
 
-    x [B,T,D], cos/sin [B,T,R/2] of the new positions, new_mask [B,T,T] (causal, valid keys),
-    old_mask [B,S] -> y [B,T,D], the new tokens' cache entries.
+    x [B,T,D], cos/sin [B,T,R/2] of the new positions, new_valid [B,T] (which new tokens are keys:
+    each new token sees the valid ones up to itself), old_mask [B,S] -> y [B,T,D], the new tokens'
+    cache entries. The prefill (no `old`) runs cfg's attention implementation (flash.py); a decode
+    step (T = 1 over the cache) always the materialized form here.
     """
     q, new = mode.project(p, x, cos, sin, cfg)
+    impl = flash.blockwise(cfg)
+    if old is None and impl is not None:
+        # Every query is segment 1 and the valid keys too: the causal mask over valid keys below.
+        ctx = impl(q, new, mode.scores, mode.mix, jnp.ones_like(new_valid, jnp.int32),
+                   new_valid.astype(jnp.int32), mode.scale(cfg))
+        return mode.output(p, ctx, cfg), new
+    T = new_valid.shape[1]
+    new_mask = jnp.tril(jnp.ones((T, T), bool))[None] & new_valid[:, None, :]
     blocks = [(new, new_mask[:, :, None, :])]
     if old is not None:
         blocks.append((old, old_mask[:, None, None, :]))
