@@ -86,15 +86,19 @@ def _per_device(names, shape, itemsize, rules, sizes) -> float:
     return math.prod(shape) * itemsize / math.prod(sizes[a] for dim in axes for a in dim)
 
 
-def state_bytes(model: ModelConfig, rules, sizes: dict[str, int]) -> dict[str, float]:
-    """Exact per-device bytes of params, Adam μ and ν (param dtype, trainable leaves), gradients."""
-    params = trainable = 0.0
+def state_bytes(model: ModelConfig, rules, sizes: dict[str, int],
+                moment_dtype: str = "float32") -> dict[str, float]:
+    """Exact per-device bytes of params, Adam μ and ν (trainable leaves; in the param dtype, or bf16
+    with optimizer.moment_dtype=bfloat16, train/optimizer.py), gradients."""
+    params = trainable = moments = 0.0
     for path, s in jax.tree_util.tree_flatten_with_path(param_table(model), is_leaf=is_spec)[0]:
-        b = _per_device(s.axes, s.shape, _bytes(s.dtype or model.param_dtype), rules, sizes)
+        itemsize = _bytes(s.dtype or model.param_dtype)
+        b = _per_device(s.axes, s.shape, itemsize, rules, sizes)
         params += b
         if getattr(path[-1], "key", None) != "router_bias":  # moved by the balancing rule, not by Adam
             trainable += b
-    return {"params": params, "optimizer": 2 * trainable, "gradients": trainable}
+            moments += b if moment_dtype == "float32" else b / itemsize * _bytes(moment_dtype)
+    return {"params": params, "optimizer": 2 * moments, "gradients": trainable}
 
 
 def _gathered_layer(model: ModelConfig, rules, sizes) -> float:
@@ -166,7 +170,7 @@ def activation_bytes(cfg: TrainConfig, m: ModelConfig, sizes: dict[str, int]) ->
 
 
 def analytic(cfg: TrainConfig, m: ModelConfig, sizes: dict[str, int]) -> dict[str, float]:
-    state = state_bytes(m, cfg.mesh, sizes)
+    state = state_bytes(m, cfg.mesh, sizes, cfg.optimizer.moment_dtype)
     items = {"params": state["params"], "optimizer state (Adam mu, nu)": state["optimizer"],
              "gradients": state["gradients"] * (2 if cfg.optimizer.grad_accum_steps > 1 else 1),
              "gathered weights (one layer, x2 for prefetch)": 2 * _gathered_layer(m, cfg.mesh, sizes)}
@@ -246,7 +250,7 @@ def plan_grpo(cfg: GRPOConfig, topology: topology_lib.Topology, *, name: str = "
     sizes = mesh_lib.mesh_shape(cfg.mesh, len(chips), topology.slices)
     check_mesh(cfg, m, sizes)
     rows = cfg.prompts.batch_size * cfg.num_generations // rules_lib.split_of("batch", cfg.mesh, sizes)
-    state = state_bytes(m, cfg.mesh, sizes)
+    state = state_bytes(m, cfg.mesh, sizes, cfg.optimizer.moment_dtype)
     items = {"params": state["params"], "optimizer state (Adam mu, nu)": state["optimizer"],
              "reference params (beta > 0)": state["params"] if cfg.beta > 0 else 0.0}
     items["total"] = sum(items.values())

@@ -24,6 +24,8 @@ StageKind = Literal["pretrain", "sft", "grpo", "rejection", "distill"]
 # The built-in judges of a completion (r1jax/eval/run.py VERIFIERS); `package.module:function` names others.
 VerifierName = Literal["answer_match"]
 VERIFIER_NAMES = typing.get_args(VerifierName)
+# Storage dtype of Adam's μ and ν (r1jax/train/optimizer.py).
+MomentDtype = Literal["float32", "bfloat16"]
 
 
 # ---- data
@@ -147,6 +149,11 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     grad_clip_norm: Optional[float] = 1.0  # null: no clipping
     grad_accum_steps: int = 1
+    # Storage of Adam's μ and ν. "float32": optax's adamw as is (moments in the params' dtype, fp32
+    # for fp32 master weights). "bfloat16": μ, ν stored in bf16, half their memory, as DeepSeek-V3
+    # does (§3.3 "Low-Precision Optimizer States"); the update is still computed in fp32 from the
+    # upcast moments and the params keep their param_dtype.
+    moment_dtype: MomentDtype = "float32"
 
     def __post_init__(self):
         need(self.learning_rate > 0, "learning_rate", f"must be positive, got {self.learning_rate}")
@@ -159,6 +166,8 @@ class OptimizerConfig:
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm", "must be null or positive")
         need(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
+        need(self.moment_dtype in typing.get_args(MomentDtype), "moment_dtype",
+             f"must be one of {typing.get_args(MomentDtype)}, got {self.moment_dtype!r}")
 
 
 @dataclasses.dataclass(frozen=True)
