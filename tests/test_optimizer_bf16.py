@@ -1,6 +1,6 @@
 """Adam with its moments stored in bf16 (optimizer.moment_dtype, DeepSeek-V3 §3.3): each step against a
 numpy float64 AdamW that rounds μ and ν to bf16 for storage; float32 stays optax.adamw bit for bit; the
-state's leaves are bf16; `r1jax plan` counts half the bytes; a bf16-moment run resumes exactly."""
+state's leaves are bf16; `r1jax plan` counts half the bytes and the compiled step agrees; a bf16-moment run resumes exactly."""
 
 import shutil
 from pathlib import Path
@@ -153,6 +153,25 @@ def test_plan_counts_bf16_moments_at_half_the_bytes():
     fp32, bf16 = (state_bytes(m, cfg.mesh, sizes, d) for d in ("float32", "bfloat16"))
     assert m.param_dtype == "float32" and fp32["optimizer"] == 2 * fp32["gradients"] > 0
     assert bf16["optimizer"] == fp32["optimizer"] / 2 and bf16["params"] == fp32["params"]
+
+
+@pytest.mark.slow
+def test_the_compiled_step_holds_the_halved_moments():
+    """XLA's argument bytes of the compiled train step with bf16 moments are the analytic params + μ, ν
+    (μ, ν now half the params' bytes) + the batch, as test_parallel_plan checks for fp32."""
+    import io
+
+    from r1jax.plan import plan_command
+
+    p = plan_command("configs/train/tiny_pretrain.yaml", ["data.batch_size=16", "data.seq_len=64",
+                     "model.moe_dispatch=capacity_ep", "optimizer.moment_dtype=bfloat16"], "data=2,expert=4",
+                     out=io.StringIO())
+    adam, params = p.analytic["optimizer state (Adam mu, nu)"], p.analytic["params"]
+    # two bf16 moments of the fp32 trainable params take those params' bytes once (fp32 moments: twice);
+    # the trainable params are all but the router bias (a few dozen floats here)
+    assert params - 1024 < adam < params
+    batch = 5 * p.rows_per_device * 64 * 4  # five int32 [rows, seq] arrays
+    assert 0 <= p.compiled["argument_size_in_bytes"] - params - adam - batch < 256  # a few scalars
 
 
 @pytest.mark.slow
