@@ -1,6 +1,7 @@
 """Adam with its moments stored in bf16 (optimizer.moment_dtype, DeepSeek-V3 §3.3): each step against a
 numpy float64 AdamW that rounds μ and ν to bf16 for storage; float32 stays optax.adamw bit for bit; the
-state's leaves are bf16; `r1jax plan` counts half the bytes and the compiled step agrees; a bf16-moment run resumes exactly."""
+state's leaves are bf16; `r1jax plan` counts half the bytes and the compiled step agrees; a bf16-moment
+run resumes exactly."""
 
 import shutil
 from pathlib import Path
