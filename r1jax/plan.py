@@ -49,9 +49,10 @@ class Hardware:
 HARDWARE = {
     "h100": Hardware("NVIDIA H100 (80 GB)", 80e9, "cuda"),
     "h200": Hardware("NVIDIA H200 (141 GB)", 141e9, "cuda"),
-    "v5p": Hardware("TPU v5p (95 GB)", 95e9, "tpu"),
-    "v5e": Hardware("TPU v5e (16 GB)", 16e9, "tpu"),
-    "v6e": Hardware("TPU v6e (32 GB)", 32e9, "tpu"),
+    # TPUs: the HBM per chip that `--topology` uses too (95.74 GiB for a v5p, as XLA:TPU allows).
+    "v5p": Hardware("TPU v5p (95.74 GiB)", topology_lib.HBM_BYTES["TPU v5"], "tpu"),
+    "v5e": Hardware("TPU v5e (16 GiB)", topology_lib.HBM_BYTES["TPU v5 lite"], "tpu"),
+    "v6e": Hardware("TPU v6e (32 GiB)", topology_lib.HBM_BYTES["TPU v6 lite"], "tpu"),
 }
 
 
