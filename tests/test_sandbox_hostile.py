@@ -35,6 +35,16 @@ def token():
     return f"r1jaxhostile{uuid.uuid4().hex[:12]}"
 
 
+@pytest.fixture(autouse=True)
+def no_host_leftovers():
+    """An isolated run makes nothing on the host (the weak fallback's work dirs are r1jax-sandbox-*)."""
+    def entries():
+        return {p for d in ("/tmp", "/var/tmp", "/dev/shm") for p in Path(d).glob("r1jax-sandbox-*")}
+    before = entries()
+    yield
+    assert entries() <= before
+
+
 def timed(src: str, limits=FAST, **kw) -> sandbox.SandboxResult:
     t = time.perf_counter()
     r = sandbox.run_python(textwrap.dedent(src), limits=limits, **kw)
@@ -64,7 +74,8 @@ def world_writable_dirs() -> list[str]:
                 found.append(top)
         except OSError:
             pass
-    return sorted(set(found) | {"/tmp", "/var/tmp", "/dev/shm"} | ({"/run/lock"} if Path("/run/lock").is_dir() else set()))
+    known = {"/tmp", "/var/tmp", "/dev/shm"} | ({"/run/lock"} if Path("/run/lock").is_dir() else set())
+    return sorted(set(found) | known)
 
 
 def rss_peak_kb() -> int:

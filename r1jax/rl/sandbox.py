@@ -248,8 +248,8 @@ def _run_isolated(argv: list[str], stdin: str, files: dict[str, str], limits: Sa
         status_r, status_w = os.pipe()
         t0 = time.perf_counter()
         try:
-            proc = subprocess.Popen([sys.executable, "-I", "-S", ISOLATION, str(cfg_r), str(status_w), str(os.getpid())],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            launcher = [sys.executable, "-I", "-S", ISOLATION, str(cfg_r), str(status_w), str(os.getpid())]
+            proc = subprocess.Popen(launcher, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     pass_fds=(cfg_r, status_w), env={}, cwd="/", start_new_session=True)
         except BaseException:
             for fd in (cfg_w, status_r):
