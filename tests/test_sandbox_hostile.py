@@ -317,3 +317,41 @@ def test_unprivileged_caller_uses_a_user_namespace(token):
         assert not Path("/tmp", "answers.txt").exists() and mine.read_text() == "the caller's secret"
     finally:
         shutil.rmtree(home)
+
+
+def test_sysv_shared_memory_is_bounded_by_the_quota():
+    r = timed("""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        IPC_CREAT = 0o1000
+        print(libc.shmget(0, 2**20, IPC_CREAT | 0o600) >= 0)  # a small segment is fine
+        print([libc.shmget(0, 200 * 2**20, IPC_CREAT | 0o600) for _ in range(3)])
+    """)
+    assert r.ok and r.stdout.split("\n")[:2] == ["True", "[-1, -1, -1]"]
+
+
+KILLED_TRAINER = """
+import os
+from r1jax.rl import sandbox
+sandbox.isolation_problem()
+print("probed", flush=True)
+sandbox.run_python("import os, sys, time\\nif os.fork() == 0:\\n    os.setsid()\\n"
+                   f"    os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(1000)', {os.environ['TOKEN']!r}])\\n"
+                   "time.sleep(1000)", limits=sandbox.SandboxLimits(wall_seconds=30))
+"""
+
+
+def test_a_killed_trainer_takes_its_runs_with_it(token):
+    trainer = subprocess.Popen([sys.executable, "-c", KILLED_TRAINER], stdout=subprocess.PIPE,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), "TOKEN": token})  # not in its cmdline
+    assert trainer.stdout.readline().strip() == b"probed"
+    deadline = time.monotonic() + 10
+    while not host_pids_with(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host_pids_with(token) and trainer.pid not in host_pids_with(token)  # the daemon runs
+    trainer.kill()  # SIGKILL: no cleanup code of the trainer runs
+    trainer.wait()
+    deadline = time.monotonic() + 3
+    while host_pids_with(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert host_pids_with(token) == []  # the launcher's and init's parent-death signals ended it all

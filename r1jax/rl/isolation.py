@@ -150,6 +150,18 @@ def build_root(cfg: dict) -> None:
     mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
 
+def limit_ipc(disk_bytes: int) -> None:
+    """SysV shared memory and message queues of the run's ipc namespace live outside its address
+    space (RLIMIT_AS does not see them): bound them by the disk quota. Best effort: a kernel that
+    keeps these sysctls read-only in a user namespace leaves its defaults."""
+    for name, value in (("shmmax", disk_bytes), ("shmall", max(1, disk_bytes // os.sysconf("SC_PAGE_SIZE"))),
+                        ("shmmni", 64), ("msgmni", 16), ("msgmnb", 65536)):
+        try:
+            _write(f"/proc/sys/kernel/{name}", str(value))
+        except OSError:
+            pass
+
+
 def write_files(cfg: dict) -> None:
     for name, text in cfg["files"].items():
         path = f"/tmp/{name}"
@@ -195,6 +207,7 @@ def init(cfg: dict, status_fd: int, parent_alive: int, last_cap: int) -> None:
             os._exit(1)
         prctl(PR_SET_DUMPABLE, 0)
         build_root(cfg)
+        limit_ipc(cfg["disk_bytes"])
         write_files(cfg)
         _libc.sethostname(b"sandbox", 7)
         child = os.fork()
