@@ -206,7 +206,7 @@ def test_sampling_runs_the_worst_case_buffer():
 
 
 @needs_libtpu
-@pytest.mark.slow  # two XLA:TPU compiles of a 2-layer 50M model (~9 min each on a loaded 2-core host)
+@pytest.mark.slow  # two XLA:TPU compiles of a 2-layer 50M model: 23 min on a 2-core host shared six ways
 def test_xla_tpu_temporaries_shrink_with_the_factor():
     """bench_50m_v3 (D 384, 16 experts, k 4) cut to one dense and one MoE layer, ragged_ep over
     expert=4 of a v5p:2x2x1, 2048 tokens per chip: the worst-case buffer is 4·2048·4 = 32,768 rows,
