@@ -146,7 +146,7 @@ def test_a_flood_drops_the_copies_numpy_predicts_and_keeps_the_rest_exact(mesh, 
     assert_close(out, run(tiny(moe_dispatch="dense"), ids, keep=keep)[0], tol=2e-5)
 
 
-@pytest.mark.slow  # ~30 s: the whole model's forward under a mesh
+@pytest.mark.slow  # ~55 s here: the whole model under a mesh
 def test_the_train_metrics_count_a_floods_drops_per_layer():
     """A router bias of 100 on experts 0 and 1 sends every token's two copies to device 0 of its group in
     every MoE layer (main and MTP): 4 senders × 64 copies for 64 rows, in each of 2 groups."""
