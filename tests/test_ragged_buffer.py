@@ -147,9 +147,10 @@ def test_a_flood_drops_the_copies_numpy_predicts_and_keeps_the_rest_exact(mesh, 
 
 
 @pytest.mark.slow  # ~55 s here: the whole model under a mesh
-def test_the_train_metrics_count_a_floods_drops_per_layer():
+def test_the_layer_stats_count_a_floods_drops_per_layer():
     """A router bias of 100 on experts 0 and 1 sends every token's two copies to device 0 of its group in
-    every MoE layer (main and MTP): 4 senders × 64 copies for 64 rows, in each of 2 groups."""
+    every MoE layer (main and MTP): 4 senders × 64 copies for 64 rows, in each of 2 groups. The train
+    step reports the sum of these as moe/dropped."""
     params, tokens = inputs()
     params = jax.tree.map(lambda a: a, params)  # a new tree: inputs() is cached for other tests
     cfg = tiny(moe_dispatch="ragged_ep", ragged_buffer_factor=1.0)
