@@ -32,6 +32,7 @@ from r1jax import config as config_lib
 from r1jax.config import GRPOConfig, ModelConfig, TrainConfig
 from r1jax.errors import ConfigError
 from r1jax.model import flash as flash_lib
+from r1jax.model.experts import receive_rows
 from r1jax.model.params import param_table
 from r1jax.model.sharding import replicated_dims
 from r1jax.model.specs import block_specs, is_spec
@@ -152,7 +153,7 @@ def _moe_set(m: ModelConfig, n: float, a: int, rules, sizes) -> float:
         slots = E * math.ceil(m.capacity_factor * n * k / E)
         routed = slots * (4 * D + 3 * F) * a  # send, receive, result, returned slots; gate, up, h
     elif m.moe_dispatch == "ragged_ep":
-        rows = group * n * k  # the dropless receive buffer
+        rows = receive_rows(m, group, math.ceil(n))  # the receive buffer: worst case or ragged_buffer_factor's
         routed = rows * (3 * D + 3 * F) * a + n * k * D * a
     elif m.moe_dispatch == "ragged":
         routed = n * k * (2 * D + 3 * F) * a
