@@ -178,7 +178,8 @@ def activation_bytes(cfg: TrainConfig, m: ModelConfig, sizes: dict[str, int]) ->
     # jax.checkpoint keeps only each layer's input; without it every intermediate is kept.
     kept = hidden if m.remat_policy != "none" else hidden + layer
     heads = 1 + (m.num_nextn_predict_layers if cfg.mtp_loss_weight > 0 else 0)
-    logits = heads * 3 * act(("batch", "length", "act_vocab"), (B, T, m.vocab_size), 4)  # logits, softmax, grad
+    # fp32 logits, softmax and their gradient: for every head's T positions, or one loss_chunk at a time.
+    logits = heads * 3 * act(("batch", "length", "act_vocab"), (B, cfg.loss_chunk or T, m.vocab_size), 4)
     return {f"activations: kept per layer (x{layers})": layers * kept,
             "activations: one layer forward + backward": 2 * layer,
             "activations: logits (main + MTP heads)": logits}
@@ -208,8 +209,7 @@ def lower_step(cfg: TrainConfig, m: ModelConfig, mesh, platform: str | None = No
     from r1jax.train.step import StepOptions, make_train_step, step_shardings
 
     tx = optimizer.build(cfg.optimizer, cfg.steps)
-    opts = StepOptions(mtp_weight=cfg.mtp_loss_weight, balance_alpha=cfg.balance_loss_alpha,
-                       bias_rate=cfg.router_bias_update_rate, grad_accum_steps=cfg.optimizer.grad_accum_steps)
+    opts = dataclasses.replace(StepOptions.of(cfg), distill=None)  # the student's step, no teacher
     shapes = batch_shapes(cfg.data)
     abstract, sh = step_shardings(m, tx, cfg.seed, mesh, cfg.mesh, shapes)
     step = make_train_step(m, tx, opts, sh)

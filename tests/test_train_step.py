@@ -272,3 +272,37 @@ def test_bf16_compute_keeps_fp32_master_weights_and_moments():
     # spacings). The fp32 loss is CE 6.59 + 0.3·MTP 6.38 + 0.1·balance 3.59: dropping the balance or MTP
     # term, or uniform logits (CE and MTP at ln V = 6.24), each moves it by more than 4%.
     assert float(m["loss"]) == pytest.approx(float(want), rel=1e-2)
+
+
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_chunked_loss_equals_whole_logits(chunk):
+    """loss_chunk projects to the vocabulary a few positions at a time (a chunk that does not divide T,
+    and one that is all of it): the same CE and MTP CE as the float64 reference of the whole logits'
+    test above, and the same gradient as the unchunked loss, every leaf."""
+    from r1jax.train.losses import lm_loss
+
+    cfg, params, batch = tiny(), _sharp_params(), _sft_batch(tiny())
+    out, (total, aux) = _fp32_forward_and_loss(params, batch)
+    loss = lambda p, c: lm_loss(p, batch, cfg, mtp_weight=MTP_W, balance_alpha=ALPHA, loss_chunk=c)  # noqa: E731
+    (t_c, aux_c), g_c = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, chunk)
+    (t_0, _), g_0 = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, 0)
+    ce = (_nll64(out["logits"], batch["targets"]) * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+    assert float(aux_c["ce"]) == pytest.approx(ce, rel=2e-6)
+    assert float(aux_c["mtp_ce"]) == pytest.approx(float(aux["mtp_ce"]), rel=2e-6)
+    assert float(aux_c["tokens"]) == float(aux["tokens"])
+    assert float(t_c) == pytest.approx(float(total), rel=2e-6) and float(t_0) == pytest.approx(float(total), rel=1e-7)
+    flat_c, flat_0 = jax.tree_util.tree_leaves_with_path(g_c), jax.tree.leaves(g_0)
+    for (path, a), b in zip(flat_c, flat_0):
+        scale = float(np.abs(b).max())
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale, err_msg=jax.tree_util.keystr(path))
+    assert any(float(np.abs(b).max()) > 0 for b in flat_0)
+
+
+def test_loss_chunk_config_errors():
+    from r1jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"loss_chunk: must be >= 0 \(0: the whole sequence\), got -1"):
+        config.load(config.TrainConfig, "configs/train/tiny_sft.yaml", ["loss_chunk=-1"])
+    with pytest.raises(ConfigError, match="loss_chunk: distillation compares whole logits"):
+        config.load(config.TrainConfig, "configs/train/tiny_sft.yaml",
+                    ["loss_chunk=8", "distill.teacher=runs/teacher"])

@@ -246,6 +246,9 @@ class TrainConfig:
     mtp_loss_weight: float = 0.3  # λ (V3 §2.2); divided over the MTP depth
     balance_loss_alpha: float = 1e-4  # α of the sequence-wise balance loss (V3 §2.1.2)
     router_bias_update_rate: float = 0.001  # γ of the aux-loss-free bias update; 0 disables it
+    # Positions per vocabulary projection in the loss (logits [B,loss_chunk,V] at a time, recomputed in
+    # the backward pass); 0 projects all T at once. Not with distill (its KL needs the whole logits).
+    loss_chunk: int = 0
     peak_flops_per_device: Optional[float] = None  # for MFU; null: measured matmul rate on CPU, else omitted
     progress: bool = True
     # Device mesh and logical-axis rules (see `MeshConfig`); the default puts every device on `data`.
@@ -259,6 +262,9 @@ class TrainConfig:
         need(self.distill is None or self.stage == "sft", "distill",
              f"logit distillation trains on SFT data: only with stage 'sft', got stage {self.stage!r}")
         need(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        need(self.loss_chunk >= 0, "loss_chunk", f"must be >= 0 (0: the whole sequence), got {self.loss_chunk}")
+        need(self.loss_chunk == 0 or self.distill is None, "loss_chunk",
+             "distillation compares whole logits with the teacher's: set loss_chunk: 0 with distill")
         need(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         need(self.eval_every >= 0, "eval_every", f"must be >= 0, got {self.eval_every}")
         need(self.eval_batches >= 1, "eval_batches", f"must be >= 1, got {self.eval_batches}")

@@ -28,9 +28,11 @@ def architecture(cfg):
     return IMPLEMENTATIONS[_arch(cfg).name]
 
 
-def apply(params: dict, tokens: jax.Array, cfg, positions=None, segment_ids=None, with_mtp: bool = False) -> dict:
-    """tokens [B,T] -> {"logits" [B,T,V] f32, "moe": stats or None, and the MTP outputs with_mtp}."""
-    return architecture(cfg).apply(params, tokens, cfg, positions, segment_ids, with_mtp=with_mtp)
+def apply(params: dict, tokens: jax.Array, cfg, positions=None, segment_ids=None, with_mtp: bool = False,
+          logits: bool = True) -> dict:
+    """tokens [B,T] -> {"logits" [B,T,V] f32, "moe": stats or None, and the MTP outputs with_mtp};
+    `logits=False`: the states the heads would project ("hidden", "mtp_hidden") instead of logits."""
+    return architecture(cfg).apply(params, tokens, cfg, positions, segment_ids, with_mtp=with_mtp, logits=logits)
 
 
 def hidden(params: dict, tokens: jax.Array, cfg, positions=None, segment_ids=None):

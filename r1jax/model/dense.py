@@ -113,10 +113,13 @@ def hidden(params: dict, tokens: jax.Array, cfg: DenseConfig, positions=None, se
 
 
 def apply(params: dict, tokens: jax.Array, cfg: DenseConfig, positions=None, segment_ids=None,
-          with_mtp: bool = False) -> dict:
+          with_mtp: bool = False, logits: bool = True) -> dict:
     """Full model. tokens [B,T] -> {"logits" [B,T,V] f32, "moe": None}; the contract of
-    `transformer.apply` (a dense student has no MTP modules, so `with_mtp` adds nothing)."""
+    `transformer.apply` (a dense student has no MTP modules, so `with_mtp` adds nothing; `logits=False`
+    gives "hidden" [B,T,D] instead)."""
     h, _ = hidden(params, tokens, cfg, positions, segment_ids)
+    if not logits:
+        return {"hidden": h, "moe": None}
     return {"logits": head(lm_head_weight(params), params["final_norm"], h, cfg), "moe": None}
 
 

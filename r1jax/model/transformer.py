@@ -64,9 +64,10 @@ def mtp_targets(tokens: jax.Array, segment_ids: jax.Array, depth: int):
     return jnp.stack(inputs), jnp.stack(targets), jnp.stack(masks)
 
 
-def mtp(params: dict, h_main: jax.Array, tokens, positions, segment_ids, cfg: ModelConfig):
+def mtp(params: dict, h_main: jax.Array, tokens, positions, segment_ids, cfg: ModelConfig, logits: bool = True):
     """Multi-token prediction (V3 §2.2, docs/deepseek_v3.md §6). h_main [B,T,D] (pre final norm) ->
-    logits [M,B,T,V] f32 for token t[i+k+1], targets [M,B,T], mask [M,B,T], stats per module."""
+    logits [M,B,T,V] f32 for token t[i+k+1] (with `logits=False` each module's h [M,B,T,D] before its
+    head), targets [M,B,T], mask [M,B,T], stats per module."""
     inputs, targets, mask = mtp_targets(tokens, segment_ids, cfg.num_nextn_predict_layers)
 
     def body(h_prev, xs):
@@ -76,23 +77,26 @@ def mtp(params: dict, h_main: jax.Array, tokens, positions, segment_ids, cfg: Mo
         hp = rms_norm(pc["hnorm"], h_prev, cfg.rms_norm_eps)
         x = jnp.einsum("BTC,CD->BTD", jnp.concatenate([e, hp], axis=-1), pc["eh_proj"])
         h, stats = block(p, x, positions, segment_ids, cfg, cfg.mtp_is_moe)
-        logits = head(pc["head"], pc["head_norm"], h, cfg)
-        return h, (logits, stats)
+        return h, (head(pc["head"], pc["head_norm"], h, cfg) if logits else h, stats)
 
-    _, (logits, stats) = jax.lax.scan(body, h_main, (params["mtp"], inputs))
-    return logits, targets, mask, stats
+    _, (out, stats) = jax.lax.scan(body, h_main, (params["mtp"], inputs))
+    return out, targets, mask, stats
 
 
 def apply(params: dict, tokens: jax.Array, cfg: ModelConfig, positions=None, segment_ids=None,
-          with_mtp: bool = False) -> dict:
+          with_mtp: bool = False, logits: bool = True) -> dict:
     """Full model. tokens [B,T] -> {"logits" [B,T,V] f32, "moe": stats per MoE layer or None,
-    and with_mtp: "mtp_logits", "mtp_targets", "mtp_mask", "mtp_moe"}."""
+    and with_mtp: "mtp_logits", "mtp_targets", "mtp_mask", "mtp_moe"}. With `logits=False` the states
+    the heads would project ("hidden" [B,T,D], "mtp_hidden" [M,B,T,D]) replace the logits, for a loss
+    that projects them a chunk at a time (`train/losses.py` head_cross_entropy)."""
     positions, segment_ids = default_inputs(tokens, positions, segment_ids)
     h, stats = hidden(params, tokens, cfg, positions, segment_ids)
-    out = {"logits": head(lm_head_weight(params), params["final_norm"], h, cfg), "moe": stats}
+    out = {"moe": stats}
+    out.update({"logits": head(lm_head_weight(params), params["final_norm"], h, cfg)} if logits else {"hidden": h})
     if with_mtp and "mtp" in params:
-        logits, targets, mask, mtp_stats = mtp(params, h, tokens, positions, segment_ids, cfg)
-        out.update(mtp_logits=logits, mtp_targets=targets, mtp_mask=mask, mtp_moe=mtp_stats)
+        y, targets, mask, mtp_stats = mtp(params, h, tokens, positions, segment_ids, cfg, logits)
+        out.update({"mtp_logits" if logits else "mtp_hidden": y}, mtp_targets=targets, mtp_mask=mask,
+                   mtp_moe=mtp_stats)
     return out
 
 

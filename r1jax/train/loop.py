@@ -95,9 +95,7 @@ def train(cfg: TrainConfig) -> RunResult:
     check_vocab(tok, model_cfg)
     data = make_iterator(cfg.data, tok)
     tx = optimizer.build(cfg.optimizer, cfg.steps)
-    opts = StepOptions(mtp_weight=cfg.mtp_loss_weight, balance_alpha=cfg.balance_loss_alpha,
-                       bias_rate=cfg.router_bias_update_rate, grad_accum_steps=cfg.optimizer.grad_accum_steps,
-                       distill=cfg.distill)
+    opts = StepOptions.of(cfg)
     shapes = batch_shapes(cfg.data)
     abstract, shardings = step_shardings(model_cfg, tx, cfg.seed, mesh, cfg.mesh, shapes, teacher_cfg)
     step_fn = make_train_step(model_cfg, tx, opts, shardings, teacher_cfg)

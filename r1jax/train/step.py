@@ -41,6 +41,14 @@ class StepOptions:
     bias_rate: float = 0.001  # γ of the router-bias update; 0 turns it off
     grad_accum_steps: int = 1
     distill: Optional[DistillConfig] = None  # set: the step takes the teacher's params as a third argument
+    loss_chunk: int = 0  # positions per vocabulary projection in the LM loss; 0: all at once
+
+    @classmethod
+    def of(cls, cfg) -> "StepOptions":
+        """The step options a TrainConfig asks for."""
+        return cls(mtp_weight=cfg.mtp_loss_weight, balance_alpha=cfg.balance_loss_alpha,
+                   bias_rate=cfg.router_bias_update_rate, grad_accum_steps=cfg.optimizer.grad_accum_steps,
+                   distill=cfg.distill, loss_chunk=cfg.loss_chunk)
 
 
 def init_state(params: dict, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -68,7 +76,7 @@ def _objective(cfg: ModelConfig, opts: StepOptions, teacher_cfg):
     distillation loss when opts.distill is set."""
     common = dict(mtp_weight=opts.mtp_weight, balance_alpha=opts.balance_alpha)
     if opts.distill is None:
-        return lambda p, b, _, **kw: losses.lm_loss(p, b, cfg, **common, **kw)
+        return lambda p, b, _, **kw: losses.lm_loss(p, b, cfg, **common, loss_chunk=opts.loss_chunk, **kw)
     return lambda p, b, t, **kw: distill.distill_loss(p, b, t, cfg, teacher_cfg, opts.distill, **common, **kw)
 
 
