@@ -1,11 +1,24 @@
-"""The `r1jax` command. Thin: parse arguments, build configs, call library functions."""
+"""The `r1jax` command. Thin: parse arguments, build configs, call library functions.
+
+Errors: a typed r1jax error, an OSError (a full disk: ENOSPC) and a failure inside tensorstore or orbax
+end the command with one line, `r1jax <command>: error: <path>: <cause>`, and exit status 2. The
+traceback, and the background threads' own reports of the failure, are shown only with
+`R1JAX_DEBUG=1` in the environment. Anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import re
 import sys
+import threading
+import traceback
 
-from r1jax.errors import R1JaxError
+from r1jax.errors import R1JaxError, describe
+
+DEBUG_ENV = "R1JAX_DEBUG"
+_STORAGE_PACKAGES = ("orbax", "tensorstore")  # failures raised in them are the storage's, not ours
 
 
 def _demo(args) -> int:
@@ -122,13 +135,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _from_storage(e: BaseException) -> bool:
+    """An OSError, or an error raised inside orbax or tensorstore (tensorstore's are plain ValueErrors
+    raised from orbax's frames), anywhere in the chain of `e`."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) or type(e).__module__.split(".")[0] in _STORAGE_PACKAGES:
+            return True
+        files = [f.filename for f, _ in traceback.walk_tb(e.__traceback__)]
+        if any(f"{os.sep}{p}{os.sep}" in f for f in files for p in _STORAGE_PACKAGES):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _names_a_path(text: str) -> bool:
+    return re.search(r"(^|[\s\"'(])(/|\.{0,2}/|[\w.-]+/)[\w.-]", text) is not None
+
+
+class _NoTracebacks(logging.Filter):
+    """Drops the records that carry a traceback (orbax's and asyncio's reports of the failed write the
+    command reports itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None or record.exc_info == (None, None, None)
+
+
+def _quiet_background_failures() -> None:
+    """A failed write leaves orbax's threads and coroutines to print their own tracebacks, also while
+    the interpreter shuts down; the command reports the failure once, so those are dropped (kept with
+    R1JAX_DEBUG=1)."""
+    for name in ("absl", "asyncio", "orbax", "jax"):
+        logging.getLogger(name).addFilter(_NoTracebacks())
+    sys.unraisablehook = lambda unraisable: None
+    threading.excepthook = lambda args: None
+
+
+def _destination(args) -> str | None:
+    """The path a command writes (its message names it when the failure names none)."""
+    for name in ("dst", "out"):
+        if getattr(args, name, None):
+            return str(getattr(args, name))
+    return None
+
+
 def main(argv=None) -> int:
+    """Run the command of `argv` (default: sys.argv) and return its exit status. As the process's own
+    command (argv None) it also silences the background reports of a failure (see the module doc);
+    a caller passing argv keeps its process's hooks and logging as they are."""
     args = build_parser().parse_args(argv)
+    debug = _debug()
+    if argv is None and not debug:
+        _quiet_background_failures()
+    hint = ""
     try:
         return args.func(args)
     except R1JaxError as e:
-        print(f"r1jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        message = str(e)
+    except Exception as e:
+        if not _from_storage(e):
+            raise
+        message, where = describe(e), _destination(args)
+        if where is not None and not _names_a_path(message):
+            message = f"{where}: {message}"
+        hint = "" if debug else f" (the traceback: {DEBUG_ENV}=1)"
+    if debug:
+        traceback.print_exc()
+    print(f"r1jax {args.command}: error: {message}{hint}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
