@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 import threading
 import traceback
@@ -147,15 +146,11 @@ def _from_storage(e: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, OSError) or type(e).__module__.split(".")[0] in _STORAGE_PACKAGES:
             return True
-        files = [f.filename for f, _ in traceback.walk_tb(e.__traceback__)]
+        files = [f.f_code.co_filename for f, _ in traceback.walk_tb(e.__traceback__)]
         if any(f"{os.sep}{p}{os.sep}" in f for f in files for p in _STORAGE_PACKAGES):
             return True
         e = e.__cause__ or e.__context__
     return False
-
-
-def _names_a_path(text: str) -> bool:
-    return re.search(r"(^|[\s\"'(])(/|\.{0,2}/|[\w.-]+/)[\w.-]", text) is not None
 
 
 class _NoTracebacks(logging.Filter):
@@ -177,7 +172,8 @@ def _quiet_background_failures() -> None:
 
 
 def _destination(args) -> str | None:
-    """The path a command writes (its message names it when the failure names none)."""
+    """The path a command writes (its message leads with it when the failure is in a file under it,
+    such as convert's temporary directory)."""
     for name in ("dst", "out"):
         if getattr(args, name, None):
             return str(getattr(args, name))
@@ -201,8 +197,8 @@ def main(argv=None) -> int:
         if not _from_storage(e):
             raise
         message, where = describe(e), _destination(args)
-        if where is not None and not _names_a_path(message):
-            message = f"{where}: {message}"
+        if where is not None and where not in message:
+            message = f"{where}: not written ({message})"
         hint = "" if debug else f" (the traceback: {DEBUG_ENV}=1)"
     if debug:
         traceback.print_exc()

@@ -48,4 +48,5 @@ def describe(exc: BaseException) -> str:
     for cut in (" [source locations=", "See full TensorStore details", "\n"):
         text = text.split(cut)[0]
     text = " ".join(text.split()).rstrip(" .")
-    return text if len(text) <= 400 else text[:397] + "..."
+    # tensorstore puts the OS's cause last ("...: No space left on device"): keep both ends
+    return text if len(text) <= 500 else f"{text[:250]} ... {text[-240:]}"
