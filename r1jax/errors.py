@@ -45,7 +45,7 @@ def describe(exc: BaseException) -> str:
     while root.__cause__ is not None and root.__cause__ in chain:  # orbax wraps tensorstore's message
         root = root.__cause__
     text = str(root) or type(root).__name__
-    for cut in (" [source locations=", "See full TensorStore details", "\n"):
+    for cut in (" [source locations=", " [tensorstore_spec=", "See full TensorStore details", "\n"):
         text = text.split(cut)[0]
     text = " ".join(text.split()).rstrip(" .")
     # tensorstore puts the OS's cause last ("...: No space left on device"): keep both ends

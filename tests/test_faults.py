@@ -77,6 +77,7 @@ def test_resume_sets_a_damaged_step_aside_and_restores_the_one_before(tmp_path, 
         assert_states_equal(state, make_state(step=2, seed=2))
         assert mngr.all_steps() == [1, 2]
         assert mngr.save(3, make_state(step=3, seed=30), {"i": 30})  # the step number is free again
+    # nothing else is logged, also not asyncio's "Future exception was never retrieved" of the failed reads
     rejected, resumed = [r.getMessage() for r in caplog.records]
     assert rejected.startswith(f"checkpoint step 3 rejected: {ckpt}/3") and "(" in rejected, rejected
     assert resumed == f"resuming from step 2, the newest intact checkpoint; the rejected step(s) were moved " \

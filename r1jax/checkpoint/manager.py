@@ -249,7 +249,7 @@ class CheckpointManager:
         self.config = config
         self.directory = Path(config.directory).absolute()
         self._writing: int | None = None  # the step of the last save started
-        self._failed = False  # a save failed: it was reported, nothing more is waited for
+        self._failed = False  # the last save failed: it was reported, there is nothing to wait for
         keep = [policies.LatestN(config.max_to_keep)]
         if config.keep_period is not None:
             keep.append(policies.EveryNSteps(config.keep_period))
@@ -331,7 +331,7 @@ class CheckpointManager:
             started = self._mngr.save(step, args=args, force=True, custom_metadata=metadata)
         except Exception as e:
             raise self._save_failed(step, e) from e
-        self._writing = step
+        self._writing, self._failed = step, False
         return started
 
     def wait(self) -> None:

@@ -98,18 +98,27 @@ def _metadata_leaves(handler: ocp.StandardCheckpointHandler, directory: Path) ->
     return flat_leaves(tree_metadata.tree)
 
 
+class _ToDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        _log.debug("%s", record.getMessage())
+        return False
+
+
 @contextlib.contextmanager
 def quiet_unraisable():
-    """Within: errors Python can only print ("Exception ignored in <coroutine ...>": orbax's reads of
-    a step that failed, finalized as they are freed) go to the debug log, and those freed here are
+    """Within: what a failed read leaves behind to be printed as it is freed (orbax's coroutines:
+    "Exception ignored in <coroutine ...>", asyncio's "Future exception was never retrieved" for the
+    reads that failed beside the one that is raised) goes to the debug log, and what is freed here is
     collected before leaving."""
-    hook = sys.unraisablehook
+    hook, quiet = sys.unraisablehook, _ToDebug()
     sys.unraisablehook = lambda u: _log.debug("%s: %s", u.err_msg or "ignored", u.exc_value)
+    logging.getLogger("asyncio").addFilter(quiet)
     try:
         yield
     finally:
         gc.collect()
         sys.unraisablehook = hook
+        logging.getLogger("asyncio").removeFilter(quiet)
 
 
 # --------------------------------------------------------------------------- config.yaml
