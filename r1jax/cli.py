@@ -138,19 +138,25 @@ def _debug() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def _from_storage(e: BaseException) -> bool:
-    """An OSError, or an error raised inside orbax or tensorstore (tensorstore's are plain ValueErrors
-    raised from orbax's frames), anywhere in the chain of `e`."""
+def _chain(e: BaseException | None):
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) or type(e).__module__.split(".")[0] in _STORAGE_PACKAGES:
-            return True
-        files = [f.f_code.co_filename for f, _ in traceback.walk_tb(e.__traceback__)]
-        if any(f"{os.sep}{p}{os.sep}" in f for f in files for p in _STORAGE_PACKAGES):
-            return True
+        yield e
         e = e.__cause__ or e.__context__
-    return False
+
+
+def _raised_in(e: BaseException | None, packages) -> bool:
+    """Whether `e`, or an error it was raised from or while handling, is of or was raised in `packages`."""
+    return any(type(x).__module__.split(".")[0] in packages
+               or any(f"{os.sep}{p}{os.sep}" in f.f_code.co_filename
+                      for f, _ in traceback.walk_tb(x.__traceback__) for p in packages) for x in _chain(e))
+
+
+def _from_storage(e: BaseException) -> bool:
+    """An OSError, or an error raised inside orbax or tensorstore (tensorstore's are plain ValueErrors
+    raised from orbax's frames), anywhere in the chain of `e`."""
+    return any(isinstance(x, OSError) for x in _chain(e)) or _raised_in(e, _STORAGE_PACKAGES)
 
 
 class _NoTracebacks(logging.Filter):
@@ -161,14 +167,30 @@ class _NoTracebacks(logging.Filter):
         return record.exc_info is None or record.exc_info == (None, None, None)
 
 
+# Where the background reports of a failed write come from: orbax's threads and its coroutines, which
+# asyncio finalizes (also while the interpreter shuts down).
+_BACKGROUND = _STORAGE_PACKAGES + ("asyncio",)
+
+
 def _quiet_background_failures() -> None:
     """A failed write leaves orbax's threads and coroutines to print their own tracebacks, also while
     the interpreter shuts down; the command reports the failure once, so those are dropped (kept with
-    R1JAX_DEBUG=1)."""
-    for name in ("absl", "asyncio", "orbax", "jax"):
+    R1JAX_DEBUG=1). Other threads' errors are printed as before."""
+    for name in ("absl", "asyncio", "orbax"):
         logging.getLogger(name).addFilter(_NoTracebacks())
-    sys.unraisablehook = lambda unraisable: None
-    threading.excepthook = lambda args: None
+    unraisable, thread = sys.unraisablehook, threading.excepthook
+
+    def quiet_unraisable(u):
+        code = getattr(u.object, "cr_code", None) or getattr(u.object, "__code__", None)
+        where = getattr(code, "co_filename", "")
+        if not (_raised_in(u.exc_value, _BACKGROUND) or any(f"{os.sep}{p}{os.sep}" in where for p in _BACKGROUND)):
+            unraisable(u)
+
+    def quiet_thread(args):
+        if not _raised_in(args.exc_value, _BACKGROUND):
+            thread(args)
+
+    sys.unraisablehook, threading.excepthook = quiet_unraisable, quiet_thread
 
 
 def _destination(args) -> str | None:
@@ -192,16 +214,16 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except R1JaxError as e:
-        message = str(e)
+        failure, message = e, str(e)
     except Exception as e:
         if not _from_storage(e):
             raise
-        message, where = describe(e), _destination(args)
+        failure, message, where = e, describe(e), _destination(args)
         if where is not None and where not in message:
             message = f"{where}: not written ({message})"
         hint = "" if debug else f" (the traceback: {DEBUG_ENV}=1)"
     if debug:
-        traceback.print_exc()
+        traceback.print_exception(failure)
     print(f"r1jax {args.command}: error: {message}{hint}", file=sys.stderr)
     return 2
 

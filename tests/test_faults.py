@@ -398,3 +398,37 @@ def test_a_full_disk_during_convert_is_one_error_and_the_old_destination_stays(t
     for done in ("hf_to_orbax_freed", "orbax_to_hf_freed"):
         assert report[done]["rc"] == 0, report[done]["stderr"][-5000:]
     assert report["after_freed"] == ["dst", "hf"]
+
+
+# --------------------------------------------------------------------------- the command's error path
+
+
+def test_storage_failures_are_one_line_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys):
+    import r1jax.sample
+
+    argv = ["sample", "--ckpt", "m", "--prompts", "p.jsonl", "--out", str(tmp_path / "out.jsonl")]
+    enospc = OSError(28, "No space left on device", str(tmp_path / "out.jsonl"))
+
+    def fail(error):
+        def sample_file(*args, **kwargs):
+            raise error
+        monkeypatch.setattr(r1jax.sample, "sample_file", sample_file)
+
+    fail(enospc)
+    monkeypatch.delenv("R1JAX_DEBUG", raising=False)
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"r1jax sample: error: {tmp_path}/out.jsonl: No space left on device (ENOSPC) "
+                                       f"(the traceback: R1JAX_DEBUG=1)\n")
+    fail(OSError(28, "No space left on device"))  # no file named: the command's destination is
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"r1jax sample: error: {tmp_path}/out.jsonl: not written (No space "
+                                              f"left on device (ENOSPC))")
+    monkeypatch.setenv("R1JAX_DEBUG", "1")
+    fail(enospc)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):") and "in sample_file" in err
+    assert err.endswith(f"r1jax sample: error: {tmp_path}/out.jsonl: No space left on device (ENOSPC)\n")
+    fail(ZeroDivisionError("a bug"))
+    with pytest.raises(ZeroDivisionError):  # not a storage failure: its traceback is the report
+        main(argv)
