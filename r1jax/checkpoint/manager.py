@@ -349,14 +349,17 @@ class CheckpointManager:
         """The error of a failed save, once its partial step directory is gone (the orbax tmp name is
         ours alone: a manager that opens the directory removes such leftovers too)."""
         self._failed = True
-        if jax.process_index() == 0:
-            for partial in self.directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
-                shutil.rmtree(partial, ignore_errors=True)
+        self._remove_partial_steps()
         kept = training_steps(self.directory)
         where = self.directory / str(step) if step is not None else self.directory
         return CheckpointError(f"{where}: saving the checkpoint failed ({describe(e)}); its partial files are "
                                f"removed and " + (f"the last complete checkpoint, step {kept[-1]}, is intact: "
                                                   f"a new run resumes from it" if kept else "no earlier step exists"))
+
+    def _remove_partial_steps(self) -> None:
+        if jax.process_index() == 0:
+            for partial in self.directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
+                shutil.rmtree(partial, ignore_errors=True)
 
     # ------------------------------------------------------------------ restore
     def _resolve_step(self, step: int | None) -> int:
@@ -484,6 +487,8 @@ class CheckpointManager:
                     raise
                 # orbax re-raises the failed save it was waiting for; that was reported already
                 log.debug("closing %s after a failed save", self.directory, exc_info=True)
+            if self._failed:  # again: orbax's writers still running at the failure may have recreated it
+                self._remove_partial_steps()
 
     def __enter__(self) -> "CheckpointManager":
         return self
