@@ -1,11 +1,23 @@
-"""The `r1jax` command. Thin: parse arguments, build configs, call library functions."""
+"""The `r1jax` command. Thin: parse arguments, build configs, call library functions.
+
+Errors: a typed r1jax error, an OSError (a full disk: ENOSPC) and a failure inside tensorstore or orbax
+end the command with one line, `r1jax <command>: error: <path>: <cause>`, and exit status 2. The
+traceback, and the background threads' own reports of the failure, are shown only with
+`R1JAX_DEBUG=1` in the environment. Anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+import threading
+import traceback
 
-from r1jax.errors import R1JaxError
+from r1jax.errors import R1JaxError, describe
+
+DEBUG_ENV = "R1JAX_DEBUG"
+_STORAGE_PACKAGES = ("orbax", "tensorstore")  # failures raised in them are the storage's, not ours
 
 
 def _demo(args) -> int:
@@ -122,13 +134,98 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def _chain(e: BaseException | None):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _raised_in(e: BaseException | None, packages) -> bool:
+    """Whether `e`, or an error it was raised from or while handling, is of or was raised in `packages`."""
+    return any(type(x).__module__.split(".")[0] in packages
+               or any(f"{os.sep}{p}{os.sep}" in f.f_code.co_filename
+                      for f, _ in traceback.walk_tb(x.__traceback__) for p in packages) for x in _chain(e))
+
+
+def _from_storage(e: BaseException) -> bool:
+    """An OSError, or an error raised inside orbax or tensorstore (tensorstore's are plain ValueErrors
+    raised from orbax's frames), anywhere in the chain of `e`."""
+    return any(isinstance(x, OSError) for x in _chain(e)) or _raised_in(e, _STORAGE_PACKAGES)
+
+
+class _NoTracebacks(logging.Filter):
+    """Drops the records that carry a traceback (orbax's and asyncio's reports of the failed write the
+    command reports itself)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None or record.exc_info == (None, None, None)
+
+
+# Where the background reports of a failed write come from: orbax's threads and its coroutines, which
+# asyncio finalizes (also while the interpreter shuts down).
+_BACKGROUND = _STORAGE_PACKAGES + ("asyncio",)
+
+
+def _quiet_background_failures() -> None:
+    """A failed write leaves orbax's threads and coroutines to print their own tracebacks, also while
+    the interpreter shuts down; the command reports the failure once, so those are dropped (kept with
+    R1JAX_DEBUG=1). Other threads' errors are printed as before."""
+    for name in ("absl", "asyncio", "orbax"):
+        logging.getLogger(name).addFilter(_NoTracebacks())
+    unraisable, thread = sys.unraisablehook, threading.excepthook
+
+    def quiet_unraisable(u):
+        code = getattr(u.object, "cr_code", None) or getattr(u.object, "__code__", None)
+        where = getattr(code, "co_filename", "")
+        if not (_raised_in(u.exc_value, _BACKGROUND) or any(f"{os.sep}{p}{os.sep}" in where for p in _BACKGROUND)):
+            unraisable(u)
+
+    def quiet_thread(args):
+        if not _raised_in(args.exc_value, _BACKGROUND):
+            thread(args)
+
+    sys.unraisablehook, threading.excepthook = quiet_unraisable, quiet_thread
+
+
+def _destination(args) -> str | None:
+    """The path a command writes (its message leads with it when the failure is in a file under it,
+    such as convert's temporary directory)."""
+    for name in ("dst", "out"):
+        if getattr(args, name, None):
+            return str(getattr(args, name))
+    return None
+
+
 def main(argv=None) -> int:
+    """Run the command of `argv` (default: sys.argv) and return its exit status. As the process's own
+    command (argv None) it also silences the background reports of a failure (see the module doc);
+    a caller passing argv keeps its process's hooks and logging as they are."""
     args = build_parser().parse_args(argv)
+    debug = _debug()
+    if argv is None and not debug:
+        _quiet_background_failures()
+    hint = ""
     try:
         return args.func(args)
     except R1JaxError as e:
-        print(f"r1jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        failure, message = e, str(e)
+    except Exception as e:
+        if not _from_storage(e):
+            raise
+        failure, message, where = e, describe(e), _destination(args)
+        if where is not None and where not in message:
+            message = f"{where}: not written ({message})"
+        hint = "" if debug else f" (the traceback: {DEBUG_ENV}=1)"
+    if debug:
+        traceback.print_exception(failure)
+    print(f"r1jax {args.command}: error: {message}{hint}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

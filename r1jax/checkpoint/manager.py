@@ -18,6 +18,13 @@ Guarantees:
   step is complete, so the last good checkpoint survives a failed save.
 - Arrays are restored straight into the shardings of `abstract_state` (or `shardings`), whatever
   mesh they were saved from.
+- `resume` restores the newest step that reads back whole. A step that does not (a file missing,
+  truncated or corrupt: tensorstore, orbax or JSON fail on it) is logged with its cause and moved aside
+  to `<step>.damaged`, never deleted, and the next older one is tried; the run then saves that step
+  number afresh. `restore` of one given step raises `DamagedCheckpointError` instead.
+- A save that fails (a full disk, an I/O error) raises a CheckpointError naming the step and the cause,
+  and its partial `<step>.orbax-checkpoint-tmp-*` directory is removed: the steps before it are intact
+  and a new run resumes from the newest of them.
 
 Multi-host: every process builds the manager and calls `save`, `restore`, `wait` and `close` at the
 same steps. orbax coordinates them: each process writes the shards it owns, process 0 commits the
@@ -36,6 +43,7 @@ import base64
 import dataclasses
 import json
 import logging
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -46,15 +54,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from r1jax.checkpoint.orbax_io import (CONFIG_FILE, PARAMS_ITEM, check_tree, flat_leaves, read_model_config,
-                                       write_model_config)
+from r1jax.checkpoint.orbax_io import (CONFIG_FILE, PARAMS_ITEM, check_tree, flat_leaves, quiet_unraisable,
+                                       read_model_config, training_steps, write_model_config)
 from r1jax.config import CheckpointConfig, ModelConfig
-from r1jax.errors import CheckpointError, ConfigError
+from r1jax.errors import CheckpointError, ConfigError, DamagedCheckpointError, describe
 
 log = logging.getLogger(__name__)
 
 TRAIN_STATE_ITEM = "train_state"
 DATA_STATE_ITEM = "data_state"
+DAMAGED_SUFFIX = ".damaged"  # <step>.damaged: a step that did not restore, set aside (orbax lists no such name)
 
 
 # --------------------------------------------------------------------------- preemption
@@ -208,6 +217,15 @@ def _architecture(cfg: ModelConfig) -> dict:
             if f.metadata.get("hf", True) and f.name != "hf_extra"}
 
 
+def _on_every_process(ok: bool) -> bool:
+    """`ok` on every process of the job (all of them must restore the same step)."""
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(ok, np.int32))))
+
+
 # --------------------------------------------------------------------------- the manager
 
 
@@ -230,6 +248,8 @@ class CheckpointManager:
             raise ConfigError("checkpoint.directory: must not be empty")
         self.config = config
         self.directory = Path(config.directory).absolute()
+        self._writing: int | None = None  # the step of the last save started
+        self._failed = False  # the last save failed: it was reported, there is nothing to wait for
         keep = [policies.LatestN(config.max_to_keep)]
         if config.keep_period is not None:
             keep.append(policies.EveryNSteps(config.keep_period))
@@ -305,13 +325,41 @@ class CheckpointManager:
             TRAIN_STATE_ITEM: ocp.args.StandardSave(rest),
             DATA_STATE_ITEM: DataStateSave(data),
         })
-        # should_save was decided above (with our SIGTERM flag added), so orbax need not re-decide.
-        return self._mngr.save(step, args=args, force=True, custom_metadata=metadata)
+        self.wait()  # orbax waits for the previous save here anyway; a failure of it is then named as its own
+        try:
+            # should_save was decided above (with our SIGTERM flag added), so orbax need not re-decide.
+            started = self._mngr.save(step, args=args, force=True, custom_metadata=metadata)
+        except Exception as e:
+            raise self._save_failed(step, e) from e
+        self._writing, self._failed = step, False
+        return started
 
     def wait(self) -> None:
-        """Block until the last save is committed (and old steps deleted); raise its error, if any."""
-        self._mngr.wait_until_finished()
-        self._mngr.check_for_errors()
+        """Block until the last save is committed (and old steps deleted); raise its error, if any
+        (once: a failed manager has nothing more to wait for)."""
+        if self._failed:
+            return
+        try:
+            self._mngr.wait_until_finished()
+            self._mngr.check_for_errors()
+        except Exception as e:
+            raise self._save_failed(self._writing, e) from e
+
+    def _save_failed(self, step: int | None, e: Exception) -> CheckpointError:
+        """The error of a failed save, once its partial step directory is gone (the orbax tmp name is
+        ours alone: a manager that opens the directory removes such leftovers too)."""
+        self._failed = True
+        self._remove_partial_steps()
+        kept = training_steps(self.directory)
+        where = self.directory / str(step) if step is not None else self.directory
+        return CheckpointError(f"{where}: saving the checkpoint failed ({describe(e)}); its partial files are "
+                               f"removed and " + (f"the last complete checkpoint, step {kept[-1]}, is intact: "
+                                                  f"a new run resumes from it" if kept else "no earlier step exists"))
+
+    def _remove_partial_steps(self) -> None:
+        if jax.process_index() == 0:
+            for partial in self.directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
+                shutil.rmtree(partial, ignore_errors=True)
 
     # ------------------------------------------------------------------ restore
     def _resolve_step(self, step: int | None) -> int:
@@ -331,27 +379,95 @@ class CheckpointManager:
             where = f"{self.directory}/{step}/{item}"
             tree = getattr(found.get(item), "tree", None)
             if tree is None:
-                raise CheckpointError(f"{where}: missing or unreadable")
+                raise DamagedCheckpointError(f"{where}: missing or unreadable")
             check_tree(flat_leaves(target), flat_leaves(tree), where)
 
+    def _read(self, step: int, abstract_state, shardings):
+        """(state, data_state) of `step`. A file of it that is missing, truncated or corrupt (tensorstore,
+        orbax and json raise all kinds of errors for those) is a DamagedCheckpointError naming the step
+        and the cause; a step of another model is a CheckpointError as before."""
+        params_target, rest_target = _split(_targets(abstract_state, shardings))
+        damaged = None
+        with quiet_unraisable():
+            try:
+                self._check_step(step, {PARAMS_ITEM: params_target, TRAIN_STATE_ITEM: rest_target})
+                restored = self._mngr.restore(step, args=ocp.args.Composite(**{
+                    PARAMS_ITEM: ocp.args.StandardRestore(params_target),
+                    TRAIN_STATE_ITEM: ocp.args.StandardRestore(rest_target),
+                    DATA_STATE_ITEM: DataStateRestore(),
+                }))
+            except CheckpointError as e:
+                if not isinstance(e, DamagedCheckpointError):
+                    raise
+                damaged = e
+            except Exception as e:
+                log.debug("step %d of %s does not restore", step, self.directory, exc_info=True)
+                # Raised below, outside this handler: the failed read's frames (orbax coroutines among
+                # them) are then freed here, where their noise on the way out is silenced.
+                damaged = DamagedCheckpointError(f"{self.directory / str(step)}: cannot be read ({describe(e)})")
+            if damaged is not None:
+                damaged.__traceback__ = None
+                raise damaged
+        state = restored[TRAIN_STATE_ITEM].replace(params=restored[PARAMS_ITEM])
+        return _data_to_keys(state, abstract_state), _decode_data_state(restored[DATA_STATE_ITEM])
+
     def restore(self, step: int | None = None, *, abstract_state, shardings=None):
-        """(state, data_state) of `step` (default: the latest complete one).
+        """(state, data_state) of `step` (default: the latest complete one); DamagedCheckpointError
+        when its files do not read back (`resume` falls back to an older step instead).
 
         `abstract_state` gives the structure, shapes, dtypes (arrays are cast) and, where its leaves
         carry one, the sharding; `shardings` (a pytree of jax.sharding.Sharding of the same structure)
         overrides it. Leaves with neither land on the first local device.
         """
         self.wait()
-        step = self._resolve_step(step)
-        params_target, rest_target = _split(_targets(abstract_state, shardings))
-        self._check_step(step, {PARAMS_ITEM: params_target, TRAIN_STATE_ITEM: rest_target})
-        restored = self._mngr.restore(step, args=ocp.args.Composite(**{
-            PARAMS_ITEM: ocp.args.StandardRestore(params_target),
-            TRAIN_STATE_ITEM: ocp.args.StandardRestore(rest_target),
-            DATA_STATE_ITEM: DataStateRestore(),
-        }))
-        state = restored[TRAIN_STATE_ITEM].replace(params=restored[PARAMS_ITEM])
-        return _data_to_keys(state, abstract_state), _decode_data_state(restored[DATA_STATE_ITEM])
+        return self._read(self._resolve_step(step), abstract_state, shardings)
+
+    def resume(self, *, abstract_state, shardings=None):
+        """(step, state, data_state) of the newest step that restores, or None when there is no step.
+
+        A newer step that does not read back is logged with its path and cause and moved aside to
+        `<step>.damaged` (nothing saved is deleted), so that the run saves that step number afresh.
+        Every process must agree: a step one of them cannot read is rejected by all. When no step
+        restores, raises naming each one's cause. Arguments as for `restore`."""
+        self.wait()
+        rejected = []
+        for step in reversed(self.all_steps()):
+            try:
+                state, data_state = self._read(step, abstract_state, shardings)
+                failure = None
+            except DamagedCheckpointError as e:
+                failure = str(e)
+            if _on_every_process(failure is None):
+                break
+            rejected.append((step, failure or f"{self.directory / str(step)}: another process cannot read it"))
+            log.warning("checkpoint step %d rejected: %s", step, rejected[-1][1])
+        else:
+            if not rejected:
+                return None
+            raise DamagedCheckpointError(f"{self.directory}: no checkpoint can be restored; "
+                                         + "; ".join(why for _, why in rejected))
+        if rejected:
+            aside = self._set_aside([s for s, _ in rejected])
+            log.warning("resuming from step %d, the newest intact checkpoint; the rejected step(s) were moved "
+                        "aside to %s", step, ", ".join(str(p) for p in aside))
+        return step, state, data_state
+
+    def _set_aside(self, steps: list[int]) -> list[Path]:
+        """Rename each step directory to `<step>.damaged` (`.damaged.1`, ... when taken); orbax neither
+        lists nor deletes those names, and the step number is free to be saved again."""
+        moved = []
+        for step in steps:
+            src, dst = self.directory / str(step), self.directory / f"{step}{DAMAGED_SUFFIX}"
+            n = 0
+            while dst.exists():
+                n += 1
+                dst = self.directory / f"{step}{DAMAGED_SUFFIX}.{n}"
+            if jax.process_index() == 0:
+                src.rename(dst)
+            moved.append(dst)
+        ocp.multihost.sync_global_processes(f"r1jax_set_aside_{'_'.join(map(str, steps))}")
+        self._mngr.reload()
+        return moved
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -364,7 +480,15 @@ class CheckpointManager:
             if await_cleanup is not None:
                 await_cleanup()
         finally:
-            self._mngr.close()
+            try:
+                self._mngr.close()
+            except Exception:
+                if not self._failed:
+                    raise
+                # orbax re-raises the failed save it was waiting for; that was reported already
+                log.debug("closing %s after a failed save", self.directory, exc_info=True)
+            if self._failed:  # again: orbax's writers still running at the failure may have recreated it
+                self._remove_partial_steps()
 
     def __enter__(self) -> "CheckpointManager":
         return self

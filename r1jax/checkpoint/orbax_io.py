@@ -6,7 +6,10 @@ Layout of a model checkpoint directory::
     DIR/params/          orbax StandardCheckpointer tree, one leaf per entry of param_table(cfg)
 
 `load_model` also reads a training checkpoint directory written by `CheckpointManager`
-(`DIR/config.yaml` + `DIR/<step>/params/` + ...), taking the params of the latest complete step.
+(`DIR/config.yaml` + `DIR/<step>/params/` + ...), taking the params of the latest complete step, or
+one step of it (`DIR/<step>`). A params directory whose files do not read back (missing, truncated,
+corrupt) is a `DamagedCheckpointError` naming it and the cause; a reader of a model never falls back
+to an older step by itself (only a training run's resume does), it names the steps there are instead.
 
 Every leaf is checked against `param_shapes(cfg)` from orbax's metadata before any array is read, so
 a checkpoint that does not fit its config fails fast with the leaf's path in the message.
@@ -17,9 +20,13 @@ each array shard once, process 0 writes config.yaml and publishes the directory.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
+import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import jax
@@ -28,13 +35,14 @@ import orbax.checkpoint as ocp
 import yaml
 
 from r1jax.config import ModelConfig, model_from_dict, to_dict
-from r1jax.errors import CheckpointError, ConfigError
+from r1jax.errors import CheckpointError, ConfigError, DamagedCheckpointError, describe
 from r1jax.model.params import param_shapes
 
 CONFIG_FILE = "config.yaml"
 PARAMS_ITEM = "params"  # the params subdirectory, in model and training checkpoints alike
 
 _barrier_ids = itertools.count()
+_log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- leaf names and checks
@@ -85,9 +93,32 @@ def _metadata_leaves(handler: ocp.StandardCheckpointHandler, directory: Path) ->
     """{leaf path: ArrayMetadata} of an orbax tree, read without touching the arrays."""
     try:
         tree_metadata = handler.metadata(directory)
-    except (FileNotFoundError, ValueError) as e:
-        raise CheckpointError(f"{directory}: orbax metadata is missing or unreadable ({e})") from None
+    except Exception as e:  # FileNotFoundError, json's and tensorstore's ValueErrors, ...
+        raise DamagedCheckpointError(f"{directory}: orbax metadata is missing or unreadable ({describe(e)})") from None
     return flat_leaves(tree_metadata.tree)
+
+
+class _ToDebug(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        _log.debug("%s", record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def quiet_unraisable():
+    """Within: what a failed read leaves behind to be printed as it is freed (orbax's coroutines:
+    "Exception ignored in <coroutine ...>", asyncio's "Future exception was never retrieved" for the
+    reads that failed beside the one that is raised) goes to the debug log, and what is freed here is
+    collected before leaving."""
+    hook, quiet = sys.unraisablehook, _ToDebug()
+    sys.unraisablehook = lambda u: _log.debug("%s: %s", u.err_msg or "ignored", u.exc_value)
+    logging.getLogger("asyncio").addFilter(quiet)
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
+        logging.getLogger("asyncio").removeFilter(quiet)
 
 
 # --------------------------------------------------------------------------- config.yaml
@@ -101,9 +132,16 @@ def write_model_config(directory, config: ModelConfig) -> None:
     os.replace(tmp, directory / CONFIG_FILE)
 
 
+def _is_step_dir(path: Path) -> bool:
+    """DIR/<step> of a training checkpoint: its config.yaml is the one of DIR."""
+    return path.name.isdigit() and (path / PARAMS_ITEM).is_dir() and (path.parent / CONFIG_FILE).is_file()
+
+
 def read_model_config(directory) -> ModelConfig:
-    """ModelConfig from DIR/config.yaml; unknown keys and bad values name the file and the key."""
-    f = Path(directory) / CONFIG_FILE
+    """ModelConfig from DIR/config.yaml (of a step directory: its parent's); unknown keys and bad values
+    name the file and the key."""
+    directory = Path(directory)
+    f = (directory.parent if _is_step_dir(directory) else directory) / CONFIG_FILE
     try:
         d = yaml.safe_load(f.read_text())
     except FileNotFoundError:
@@ -119,24 +157,28 @@ def read_model_config(directory) -> ModelConfig:
 # --------------------------------------------------------------------------- where the params live
 
 
-def _training_steps(path: Path) -> list[int]:
+def training_steps(path: Path) -> list[int]:
     # orbax lists only finalized steps: a `<step>.orbax-checkpoint-tmp-*` left by a killed save is skipped.
     return sorted(ocp.utils.checkpoint_steps(path))
 
 
 def is_model_checkpoint(path) -> bool:
-    """True for an r1jax model checkpoint or a training checkpoint directory (both hold config.yaml)."""
+    """True for an r1jax model checkpoint, a training checkpoint directory (both hold config.yaml) or
+    one step of the latter."""
     path = Path(path)
+    if _is_step_dir(path):
+        return True
     if not (path / CONFIG_FILE).is_file():
         return False
-    return (path / PARAMS_ITEM).is_dir() or bool(_training_steps(path))
+    return (path / PARAMS_ITEM).is_dir() or bool(training_steps(path))
 
 
 def _params_dir(path: Path) -> Path:
-    """params/ of a model checkpoint, or of the latest complete step of a training checkpoint."""
+    """params/ of a model checkpoint or a step directory, or of the latest complete step of a training
+    checkpoint."""
     if (path / PARAMS_ITEM).is_dir():
         return path / PARAMS_ITEM
-    steps = _training_steps(path)
+    steps = training_steps(path)
     if not steps:
         raise CheckpointError(f"{path}: has {CONFIG_FILE} but neither {PARAMS_ITEM}/ nor a complete training step")
     return path / str(steps[-1]) / PARAMS_ITEM
@@ -170,7 +212,8 @@ def _restore_target(cfg: ModelConfig, mesh, shardings):
 
 
 def load_model(path, *, dtype=None, mesh=None, shardings=None):
-    """(ModelConfig, params) from a model checkpoint or the latest step of a training checkpoint.
+    """(ModelConfig, params) from a model checkpoint, the latest step of a training checkpoint, or one
+    step of it (DIR/<step>). Files that do not read back: DamagedCheckpointError, naming the other steps.
 
     dtype converts every parameter but the fp32 router bias (the config's dtype and param_dtype follow,
     as for a Hugging Face load). With `mesh` (or an explicit `shardings` pytree of jax.sharding.Sharding)
@@ -185,12 +228,35 @@ def load_model(path, *, dtype=None, mesh=None, shardings=None):
     # Both kinds of params/ are StandardCheckpointHandler directories, so the handler reads either; a
     # Checkpointer would also look for step metadata, which a training step keeps one level up.
     handler = ocp.StandardCheckpointHandler()
-    try:
-        check_tree(flat_leaves(param_shapes(cfg)), _metadata_leaves(handler, params_dir), str(params_dir))
-        params = handler.restore(params_dir, args=ocp.args.StandardRestore(_restore_target(cfg, mesh, shardings)))
-    finally:
-        handler.close()
+    with quiet_unraisable(), contextlib.closing(handler):
+        params, damaged = _read_params(handler, cfg, params_dir, _restore_target(cfg, mesh, shardings))
+    if damaged is not None:  # raised out here, once the failed read's frames are freed
+        raise DamagedCheckpointError(damaged + _other_steps(path, params_dir))
     return cfg, params
+
+
+def _read_params(handler, cfg: ModelConfig, params_dir: Path, target):
+    """(params, None), or (None, what is damaged) when a file does not read back. A tree that does not
+    fit the config raises."""
+    try:
+        found = _metadata_leaves(handler, params_dir)
+    except DamagedCheckpointError as e:
+        return None, str(e)
+    check_tree(flat_leaves(param_shapes(cfg)), found, str(params_dir))
+    try:
+        return handler.restore(params_dir, args=ocp.args.StandardRestore(target)), None
+    except Exception as e:  # tensorstore's ValueErrors, orbax's bare Exceptions, json's errors, OSError
+        return None, f"{params_dir}: cannot be read ({describe(e)})"
+
+
+def _other_steps(path: Path, params_dir: Path) -> str:
+    """Where `path` is a training checkpoint directory: the other steps it holds, and how to load one."""
+    if params_dir.parent.parent != path:
+        return ""
+    others = [s for s in training_steps(path) if str(s) != params_dir.parent.name]
+    if not others:
+        return "; it holds no other step"
+    return f"; it holds step(s) {', '.join(map(str, others))} too: load one as {path / str(others[-1])}"
 
 
 # --------------------------------------------------------------------------- save

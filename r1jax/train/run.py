@@ -135,11 +135,12 @@ class Run:
         self._closing.close()  # every callback runs, also when one of them raises
 
     def start(self, params, make_state, abstract, shardings):
-        """(state, first step): the latest checkpoint's state and data position, or else a fresh state
+        """(state, first step): the newest intact checkpoint's state and data position (a newer one that
+        does not read back is logged and moved aside: CheckpointManager.resume), or else a fresh state
         `make_state(params)` (jitted into `shardings`) from `params` (None: initialized from cfg.seed).
         Then the run's config, metrics writer, SIGTERM handler and progress bar."""
-        start = self.manager.latest_step()
-        if start is None:
+        resumed = self.manager.resume(abstract_state=abstract, shardings=shardings)
+        if resumed is None:
             if params is None:
                 params = init_params(self.model_cfg, jax.random.key(self.cfg.seed), out_shardings=shardings.params)
             else:  # loaded with the default rules; this run's rules may differ
@@ -147,7 +148,7 @@ class Run:
             state = jax.jit(make_state, out_shardings=shardings)(params)
             start = 0
         else:
-            state, data_state = self.manager.restore(start, abstract_state=abstract, shardings=shardings)
+            start, state, data_state = resumed
             self.data.set_state(data_state)
         if self.primary:
             write_run_config(self.dir, self.cfg, self.model_cfg)
