@@ -17,10 +17,11 @@ Two views of the same train step:
   compiles its policy update instead (analytic side: its state, policy + Adam + π_ref).
 - The sampler, with `--topology` (plan_sampler.py): the prefill and one decode step of
   `infer.sampler` compiled by XLA:TPU on the same mesh (`lower_prefill`/`lower_decode`), beside the
-  analytic params + KV cache + working set (`sampler_analytic`): a GRPO stage's rollout, or for a train
-  config `--sample-batch` rows of `--sample-len` prompt and `--sample-new` new tokens (defaults: the data
-  batch and seq_len for both). The verdict (`fits:`, the last line) is the larger of the step's and the
-  sampler's peaks, the line above it says which. `--no-sampler` leaves the sampler out.
+  analytic params + KV cache + working set (`sampler_analytic`): a GRPO stage's rollout (with the rest
+  of its state resident), or for a train config `--sample-batch` rows (default: the data batch) of
+  `--sample-len` tokens (default: seq_len), the last `--sample-new` of them generated (default: half).
+  The verdict (`fits:`, the last line) is the larger of the step's and the sampler's peaks; the line
+  above it says which. `--no-sampler` leaves the sampler out.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax import config as config_lib
+from r1jax import plan_sampler
 from r1jax.config import GRPOConfig, ModelConfig, TrainConfig
 from r1jax.errors import ConfigError
 from r1jax.model import kv_cache
@@ -43,7 +45,6 @@ from r1jax.model.specs import block_specs, is_spec
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel import topology as topology_lib
-from r1jax import plan_sampler
 from r1jax.plan_sampler import SamplerPlan, peak_bytes, with_code
 from r1jax.plan_sampler import compile_into as _compile
 from r1jax.plan_sampler import fmt as _fmt

@@ -14,8 +14,9 @@ What is sampled:
   tokens (padded to the sampler's power-of-two bucket P) and max_new_tokens new ones, while the rest
   of the GRPO state (Adam μ, ν; π_ref when β > 0) stays resident in HBM beside it;
 - a train config: the trained model sampling `--sample-batch` rows (default data.batch_size, the
-  global batch) of `--sample-len` prompt tokens (default data.seq_len) and `--sample-new` new tokens
-  (default data.seq_len), as `r1jax sample` or an evaluation would on the same mesh, params only.
+  global batch) of `--sample-len` tokens (default data.seq_len: the length it was trained on), the
+  last `--sample-new` of them generated (default half), as `r1jax sample` or an evaluation would on
+  the same mesh, params only.
 The cache holds S = P + max_new_tokens - 1 slots per row (infer/sampler.py's layout).
 """
 

@@ -264,7 +264,7 @@ def test_tiny_v3_train_step_and_sampler_compile_for_v5p_with_expert_parallelism(
     """The train step with `dispatch`, then the sampler's prefill and decode step on the same mesh. The
     sampler is dropless: capacity_ep becomes ragged_ep on TPU, so both exchange with the ragged
     all-to-all. The decode step's unpadded arguments are the analytic params + cache exactly; XLA's
-    argument bytes are those shards in TPU tiles (the 48 latent + rope lanes of the cache pad to 128)."""
+    argument bytes are those shards in TPU tiles (the cache's 47 slots pad to 128 lanes)."""
     from r1jax.infer.sampler import lower_decode, lower_prefill
     from r1jax.plan import lower_step, state_bytes
 
@@ -282,14 +282,18 @@ def test_tiny_v3_train_step_and_sampler_compile_for_v5p_with_expert_parallelism(
     # 8 rows: 2 per chip; the prompt bucket 32 + 16 - 1 = 47 slots.
     _, (kv_tiled, kv_raw) = _sampler_arguments(cfg, mesh, decode_lowered, decode, 2, 47)
     assert kv_raw == 3 * 47 * 2 * (32 + 16) * 4
-    # Each of the 6 cache arrays [layers, 2, 47, 32 or 16] f32 is tiled (8, 128): 2 x 48 x 128 words a layer.
-    assert kv_tiled == 3 * 2 * 2 * 48 * 128 * 4
+    # Measured: XLA:TPU lays each cache shard [layers, 2 rows, 47 slots, 32 or 16] out with the slots
+    # minor, padded to 128 lanes (the 32 and 16 are whole sublane tiles of 8): 147,456 bytes, 3.3x.
+    assert kv_tiled == 3 * 2 * (32 + 16) * 128 * 4 == 147_456
 
 
 def _rows(out, title):
-    """{row label: [numbers]} of the plan's table that starts with `title`."""
-    table = out[out.index(title):].split("\n\n")[0].splitlines()[2:]
-    return {r.split(" | ")[0][2:]: [float(x.replace(",", "")) for x in r.strip(" |").split(" | ")[1:]] for r in table}
+    """(bytes per printed unit, {row label: [numbers]}) of the plan's table whose header holds `title`."""
+    start = out.rindex("\n", 0, out.index(title)) + 1
+    head, *table = out[start:].split("\n\n")[0].splitlines()
+    unit = 1e9 if re.search(r"\bGB\b", head) else 1e6
+    return unit, {r.split(" | ")[0][2:]: [float(x.replace(",", "")) for x in r.strip(" |").split(" | ")[1:]]
+                  for r in table[1:]}
 
 
 @needs_libtpu
@@ -309,14 +313,15 @@ def test_plan_prints_the_sampler_and_the_larger_peak_decides_the_fit():
     out, sp = buf.getvalue(), p.sampler
     assert ("sampler: sampling the trained model: 256 rows (64 per chip), prompt bucket 512 + 512 new tokens, a "
             "latent cache of 1023 slots per row; moe_dispatch=ragged_ep (dropless)") in out
-    analytic = _rows(out, "| sampler, per chip (analytic) | MB |")
+    unit, analytic = _rows(out, "| sampler, per chip (analytic) |")
     assert cache_bytes_per_token(p.model) == 3 * (32 + 16) * 4
-    assert analytic["KV cache (latent, 1023 slots per row)"] == [37.71]  # 576 B x 64 rows x 1023 slots
-    assert analytic["params"] == [round(p.analytic["params"] / 1e6, 2)]
-    xla = _rows(out, "| sampler, per chip (MB) | prefill XLA:TPU |")
+    # 576 bytes a token x 64 rows x 1023 slots = 37,711,872 bytes per chip.
+    assert analytic["KV cache (latent, 1023 slots per row)"] == [round(37_711_872 / unit, 2)]
+    assert analytic["params"] == [round(p.analytic["params"] / unit, 2)]
+    unit, xla = _rows(out, "| prefill XLA:TPU | decode XLA:TPU |")
     pre, dec = sp.prefill.compiled, sp.decode.compiled
-    assert xla["temporaries"][:2] == [round(pre["temp_size_in_bytes"] / 1e6, 2), round(dec["temp_size_in_bytes"] / 1e6, 2)]
-    assert xla["peak + code"][:2] == [round(with_code(pre) / 1e6, 2), round(with_code(dec) / 1e6, 2)]
+    assert xla["temporaries"][:2] == [round(pre["temp_size_in_bytes"] / unit, 2), round(dec["temp_size_in_bytes"] / unit, 2)]
+    assert xla["peak + code"][:2] == [round(with_code(pre) / unit, 2), round(with_code(dec) / unit, 2)]
     # The decode step holds params + cache (tiled) as arguments and gives the cache back in place.
     assert dec["alias_size_in_bytes"] > 37.71e6 and dec["argument_size_in_bytes"] > dec["alias_size_in_bytes"]
     train = with_code(p.compiled)
@@ -352,8 +357,8 @@ def test_plan_grpo_stage_plans_its_rollout_beside_the_resident_state():
     cfg = load(GRPOConfig, "configs/train/tiny_grpo.yaml", overrides + ["mesh.data=1", "mesh.expert=4"])
     s = state_bytes(cfg.model, cfg.mesh, dict(p.mesh))
     assert sp.resident == s["optimizer"] + s["params"]  # Adam mu, nu and the reference params
-    analytic = _rows(out, "| sampler, per chip (analytic) | MB |")
-    assert analytic["resident beside it: the rest of the training state"] == [round(sp.resident / 1e6, 2)]
+    unit, analytic = _rows(out, "| sampler, per chip (analytic) |")
+    assert analytic["resident beside it: the rest of the training state"] == [round(sp.resident / unit, 2)]
     sampled = max(with_code(sp.prefill.compiled), with_code(sp.decode.compiled)) + sp.resident
     update = with_code(p.compiled)
     lines = out.strip().splitlines()
