@@ -67,7 +67,8 @@ def _plan(args) -> int:
 
     plan_command(args.config, args.overrides, args.mesh, devices=args.devices, hardware=args.hardware,
                  batch_size=args.batch, seq_len=args.seq_len, compile=not args.no_compile,
-                 topology=args.topology, slices=args.slices)
+                 topology=args.topology, slices=args.slices, sampler=not args.no_sampler,
+                 sample_batch=args.sample_batch, sample_len=args.sample_len, sample_new=args.sample_new)
     return 0
 
 
@@ -114,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compile with XLA:TPU for this TPU slice on this host (needs libtpu): a slice name "
                            "(v5p-128, v4-32, v5e-16, v6e-64) or a topology (v5p:4x4x4, v5e:4x4)")
     plan.add_argument("--slices", type=int, default=1, help="with --topology: that many slices over DCN")
+    plan.add_argument("--sample-batch", type=int, default=None,
+                      help="with --topology, a train config: rows the sampler is planned for (default: the data batch)")
+    plan.add_argument("--sample-len", type=int, default=None,
+                      help="with --topology, a train config: prompt + new tokens per sampled row (default: seq_len)")
+    plan.add_argument("--sample-new", type=int, default=None,
+                      help="with --topology, a train config: new tokens of the --sample-len (default: half of it)")
+    plan.add_argument("--no-sampler", action="store_true",
+                      help="with --topology: compile the train step (GRPO: its update) only, not the sampler")
     plan.set_defaults(func=_plan)
     sample = sub.add_parser("sample", help="sample completions for a jsonl of prompts")
     sample.add_argument("--ckpt", required=True, help="Hugging Face model directory or r1jax checkpoint")

@@ -15,6 +15,13 @@ Two views of the same train step:
   XLA:TPU for that slice's compile-only devices (parallel/topology.py), on this CPU host; its
   `memory_analysis()` is the per-chip memory, checked against the chip's HBM. A GRPO stage's config
   compiles its policy update instead (analytic side: its state, policy + Adam + π_ref).
+- The sampler, with `--topology` (plan_sampler.py): the prefill and one decode step of
+  `infer.sampler` compiled by XLA:TPU on the same mesh (`lower_prefill`/`lower_decode`), beside the
+  analytic params + KV cache + working set (`sampler_analytic`): a GRPO stage's rollout (with the rest
+  of its state resident), or for a train config `--sample-batch` rows (default: the data batch) of
+  `--sample-len` tokens (default: seq_len), the last `--sample-new` of them generated (default: half).
+  The verdict (`fits:`, the last line) is the larger of the step's and the sampler's peaks; the line
+  above it says which. `--no-sampler` leaves the sampler out.
 """
 
 from __future__ import annotations
@@ -22,16 +29,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 
 from r1jax import config as config_lib
+from r1jax import plan_sampler
 from r1jax.config import GRPOConfig, ModelConfig, TrainConfig
 from r1jax.errors import ConfigError
 from r1jax.model import flash as flash_lib
+from r1jax.model import kv_cache
 from r1jax.model.experts import receive_rows
 from r1jax.model.params import param_table
 from r1jax.model.sharding import replicated_dims
@@ -39,6 +47,10 @@ from r1jax.model.specs import block_specs, is_spec
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules as rules_lib
 from r1jax.parallel import topology as topology_lib
+from r1jax.plan_sampler import SamplerPlan, peak_bytes, with_code
+from r1jax.plan_sampler import compile_into as _compile
+from r1jax.plan_sampler import fmt as _fmt
+from r1jax.plan_sampler import unit_of as _unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +86,8 @@ class Plan:
     topology: topology_lib.Topology | None = None  # compiled by XLA:TPU for this slice
     compile_seconds: float | None = None
     flops: float | None = None  # XLA's cost_analysis, per device
+    step: str = "train step"  # the compiled step's name in the verdict
+    sampler: SamplerPlan | None = None  # the sampler's programs on the same mesh (with a topology)
 
 
 # --------------------------------------------------------------------------- analytic
@@ -195,6 +209,35 @@ def analytic(cfg: TrainConfig, m: ModelConfig, sizes: dict[str, int]) -> dict[st
     return items
 
 
+def sampler_analytic(m: ModelConfig, rules, sizes: dict[str, int], rows: int, P: int, S: int,
+                     cache: str) -> dict[str, float]:
+    """Per-device bytes of the sampler (infer/sampler.py) for `rows` global rows, a prompt bucket of P
+    slots and a cache of S; `m` as the sampler runs it (dropless dispatch). Exact: params and the cache
+    (only its rows are split). Estimates: each program's working set ("prefill: ...", "decode: ...")."""
+    a, H, local = _bytes(m.dtype), m.num_attention_heads, rows / rules_lib.split_of("batch", rules, sizes)
+    per_token = kv_cache.cache_bytes_per_token(m, cache)
+    gathered = 2 * _gathered_layer(m, rules, sizes)
+
+    def ffn(T):  # one layer's FFN over rows x T tokens: SwiGLU or the MoE, the larger
+        dense = 3 * _per_device(("batch", "length", "act_mlp"), (rows, T, m.intermediate_size), a, rules, sizes)
+        moe = _moe_set(m, local * T, a, rules, sizes) if m.n_routed_experts else 0.0
+        return max(dense if m.num_dense_layers else 0.0, moe)
+
+    # A decode step's attention: one query per row over the S slots, fp32 scores, masked and softmaxed.
+    scores = 3 * _per_device(("batch", "length", "act_heads", None), (rows, 1, H, S), 4, rules, sizes)
+    logits = local * m.vocab_size * 4  # f32, at one position per row
+    return {"params": state_bytes(m, rules, sizes)["params"],
+            f"KV cache ({cache}, {S} slots per row)": per_token * local * S,
+            "prefill: gathered weights (one layer, x2 for prefetch)": gathered,
+            f"prefill: one layer forward ({P} tokens per row)": _attention_set(m, rows, P, a, rules, sizes) + ffn(P),
+            "prefill: the prompt's cache entries before padding": per_token * local * P,
+            "prefill: logits": logits,
+            "decode: gathered weights (one layer, x2 for prefetch)": gathered,
+            "decode: one layer forward (scores over the cache)": _attention_set(m, rows, 1, a, rules, sizes)
+            + scores + ffn(1),
+            "decode: logits": logits}
+
+
 # --------------------------------------------------------------------------- compile / lower
 
 
@@ -218,10 +261,6 @@ def lower_step(cfg: TrainConfig, m: ModelConfig, mesh, platform: str | None = No
         return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
 
 
-MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
-                 "generated_code_size_in_bytes")
-
-
 def lower_grpo_update(cfg: GRPOConfig, mesh):
     """GRPO's policy update (μ inner steps on one rollout batch; policy, Adam and, with β > 0, π_ref in
     its state) traced and lowered from abstract inputs, sharded as `r1jax train` shards it."""
@@ -240,24 +279,25 @@ def lower_grpo_update(cfg: GRPOConfig, mesh):
         return update.trace(_with_shardings(abstract, state_sh), _with_shardings(shapes, batch_sh)).lower()
 
 
-def _compile(lower, result: Plan) -> None:
-    t = time.perf_counter()
-    compiled = lower().compile()
-    result.compile_seconds = time.perf_counter() - t
-    stats = compiled.memory_analysis()
-    result.compiled = {f: int(getattr(stats, f)) for f in MEMORY_FIELDS}
-    cost = compiled.cost_analysis()
-    result.flops = (cost[0] if isinstance(cost, list) else cost or {}).get("flops")
-
-
 def _tpu_hardware(topology: topology_lib.Topology, chips) -> Hardware:
     slices = f" x {topology.slices} slices" if topology.slices > 1 else ""
     return Hardware(f"{chips[0].device_kind} ({topology.layout}{slices})", topology_lib.hbm_bytes(chips[0]), "tpu")
 
 
-def plan_grpo(cfg: GRPOConfig, topology: topology_lib.Topology, *, name: str = "") -> Plan:
-    """GRPO's update compiled by XLA:TPU for `topology`. The analytic side is its state (exact); the
-    activation estimate is the train step's and is not repeated for the update."""
+def _sampler(m: ModelConfig, mesh, rules, sample: tuple[int, int, int], what: str, keys: str,
+             resident: float = 0.0) -> SamplerPlan:
+    """The sampler's shapes (rows, prompt tokens, new tokens) on `mesh` and its analytic estimate,
+    checked before anything is compiled (errors name `keys`)."""
+    sp = plan_sampler.layout(m, mesh, rules, *sample, what, keys, resident)
+    sp.analytic = sampler_analytic(sp.model, rules, rules_lib.mesh_sizes(mesh), sp.rows, sp.prompt_len,
+                                   sp.cache_len, sp.cache)
+    return sp
+
+
+def plan_grpo(cfg: GRPOConfig, topology: topology_lib.Topology, *, name: str = "", sampler: bool = True) -> Plan:
+    """GRPO's update compiled by XLA:TPU for `topology`, and (`sampler`) its rollout's prefill and decode
+    step. The analytic side is its state (exact); the activation estimate is the train step's and is
+    not repeated for the update. The rest of the state stays resident beside the rollout."""
     from r1jax.rl.grpo_loop import check_mesh
 
     m = cfg.model
@@ -270,18 +310,27 @@ def plan_grpo(cfg: GRPOConfig, topology: topology_lib.Topology, *, name: str = "
              "reference params (beta > 0)": state["params"] if cfg.beta > 0 else 0.0}
     items["total"] = sum(items.values())
     result = Plan(name, sizes, len(chips), _tpu_hardware(topology, chips), rows,
-                  cfg.prompts.seq_len + cfg.max_new_tokens, items, model=m, topology=topology)
+                  cfg.prompts.seq_len + cfg.max_new_tokens, items, model=m, topology=topology, step="GRPO update")
     mesh = mesh_lib.build_mesh(cfg.mesh, chips)
+    if sampler:
+        result.sampler = _sampler(m, mesh, cfg.mesh, (cfg.prompts.batch_size * cfg.num_generations,
+                                  cfg.prompts.seq_len, cfg.max_new_tokens),
+                                  "GRPO rollout, prompts.batch_size x num_generations", "prompts.seq_len/max_new_tokens",
+                                  resident=items["total"] - items["params"])
     _compile(lambda: lower_grpo_update(cfg, mesh), result)
+    if sampler:
+        plan_sampler.compile_programs(result.sampler, mesh, cfg.mesh)
     result.replicated = replicated_dims(m, mesh, cfg.mesh)
     return result
 
 
 def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, name: str = "",
-         compile: bool = True, topology: topology_lib.Topology | None = None) -> Plan:
+         compile: bool = True, topology: topology_lib.Topology | None = None,
+         sample: tuple[int, int, int] | None = None) -> Plan:
     """Plan `cfg` on `devices` devices: analytic always; compiled on the local devices when there are
     enough of them (and `compile`), else lowered for `hardware`'s platform on an abstract mesh. With a
-    `topology`, compiled by XLA:TPU for that slice's devices (`devices` must be their number)."""
+    `topology`, compiled by XLA:TPU for that slice's devices (`devices` must be their number), and with
+    `sample` (rows, prompt tokens, new tokens) the sampler too."""
     m = cfg.model
     sizes = mesh_lib.mesh_shape(cfg.mesh, devices, topology.slices if topology else 1)
     mesh_lib.check_train(cfg, m, sizes)
@@ -297,7 +346,12 @@ def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, na
                               f"devices, not {devices}")
         result.hardware = _tpu_hardware(topology, chips)
         mesh = mesh_lib.build_mesh(cfg.mesh, chips)
+        if sample:
+            result.sampler = _sampler(m, mesh, cfg.mesh, sample, "sampling the trained model",
+                                      "--sample-len/--sample-new")
         _compile(lambda: lower_step(cfg, m, mesh), result)
+        if sample:
+            plan_sampler.compile_programs(result.sampler, mesh, cfg.mesh)
     elif compile and devices <= len(local) and (hardware is None or hardware.platform == local[0].platform):
         mesh = mesh_lib.build_mesh(cfg.mesh, local[:devices])
         _compile(lambda: lower_step(cfg, m, mesh), result)
@@ -313,29 +367,17 @@ def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, na
 # --------------------------------------------------------------------------- report
 
 
-def _unit(total: float) -> tuple[str, float]:
-    return ("GB", 1e9) if total >= 1e9 else ("MB", 1e6)
-
-
-def _fmt(x: float, unit: tuple[str, float]) -> str:
-    return f"{x / unit[1]:,.2f}"
-
-
 # The analytic items that are the step's inputs (the state it donates and gets back).
 STATE_ITEMS = ("params", "optimizer state (Adam mu, nu)", "reference params (beta > 0)")
 
 
-def peak_bytes(c: dict[str, int]) -> int:
-    """XLA's live buffers at the step's peak: inputs and outputs (donated ones once) and temporaries."""
-    return c["argument_size_in_bytes"] + c["output_size_in_bytes"] - c["alias_size_in_bytes"] + c["temp_size_in_bytes"]
-
-
 def _topology_lines(p: Plan) -> list[str]:
-    """XLA:TPU beside the analytic estimate, then the verdict: the program's code sits in HBM too."""
+    """XLA:TPU beside the analytic estimate, the sampler's programs, then the verdict: the larger peak
+    (a program's code sits in HBM too)."""
     c, a, hbm = p.compiled, p.analytic, p.hardware.memory
     state = sum(a.get(k, 0.0) for k in STATE_ITEMS)
     rest = None if set(a) <= {*STATE_ITEMS, "total"} else a["total"] - state  # None: state only (GRPO)
-    peak = peak_bytes(c) + c["generated_code_size_in_bytes"]
+    peak = with_code(c)
     unit = _unit(max(peak, a["total"]))
     rows = [("arguments (XLA: state + batch in TPU tiles; analytic: the state)", c["argument_size_in_bytes"], state),
             ("temporaries", c["temp_size_in_bytes"], rest),
@@ -343,8 +385,16 @@ def _topology_lines(p: Plan) -> list[str]:
     lines = ["", f"compiled in {p.compile_seconds:.1f} s; {p.flops or 0:,.0f} flops per chip per step (XLA)",
              "", f"| per chip | XLA:TPU ({unit[0]}) | analytic ({unit[0]}) |", "|---|---:|---:|"]
     lines += [f"| {k} | {_fmt(x, unit)} | {'-' if e is None else _fmt(e, unit)} |" for k, x, e in rows]
-    lines += ["", f"fits: {'yes' if peak <= hbm else 'no'}  peak {peak / 1e9:.2f} GB of {hbm / 1e9:.2f} GB per chip "
-              f"({100 * peak / hbm:.1f}%)"]
+    lines += [""]
+    if p.sampler:
+        lines += plan_sampler.lines(p.sampler) + [""]
+        sampled, program = plan_sampler.peak(p.sampler)
+        beside = " + the resident state" if p.sampler.resident else ""
+        lines.append(f"peak per chip: {p.step} {peak / 1e9:.2f} GB, sampler {sampled / 1e9:.2f} GB ({program}{beside}): "
+                     f"{'the ' + p.step if peak >= sampled else 'the sampler'} dominates")
+        peak = max(peak, sampled)
+    lines.append(f"fits: {'yes' if peak <= hbm else 'no'}  peak {peak / 1e9:.2f} GB of {hbm / 1e9:.2f} GB per chip "
+                 f"({100 * peak / hbm:.1f}%)")
     return lines
 
 
@@ -430,14 +480,35 @@ def _grpo_config(config_path, overrides, mesh_spec, topo, batch_size, seq_len) -
     return cfg
 
 
+def _sample_shape(cfg: TrainConfig, sample_batch, sample_len, sample_new) -> tuple[int, int, int]:
+    """(rows, prompt tokens, new tokens) a train config's sampler is planned for: by default the data
+    batch's rows, each sampling the second half of data.seq_len tokens from a prompt of the first."""
+    total = sample_len if sample_len is not None else cfg.data.seq_len
+    new = sample_new if sample_new is not None else total // 2
+    return (sample_batch if sample_batch is not None else cfg.data.batch_size), total - new, new
+
+
+def _check_sample_flags(flags: dict, topology, sampler: bool) -> None:
+    given = [k for k, v in flags.items() if v is not None]
+    if given and topology is None:
+        raise ConfigError(f"{given[0]}: the sampler is compiled for a TPU slice; only with --topology")
+    if given and not sampler:
+        raise ConfigError(f"{given[0]}: --no-sampler leaves the sampler out; drop one of them")
+
+
 def plan_command(config_path, overrides=(), mesh_spec: str | None = None, *, devices: int | None = None,
                  hardware: str | None = None, batch_size: int | None = None, seq_len: int | None = None,
-                 compile: bool = True, topology: str | None = None, slices: int = 1, out=None) -> Plan:
+                 compile: bool = True, topology: str | None = None, slices: int = 1, sampler: bool = True,
+                 sample_batch: int | None = None, sample_len: int | None = None, sample_new: int | None = None,
+                 out=None) -> Plan:
     """`r1jax plan CONFIG [key=value ...] --mesh data=2,expert=4 [--devices N] [--hardware h100]
-    [--topology v5p-128 [--slices 2]]`: print the per-device memory table and return the Plan. A GRPO
-    stage's update is planned with a --topology only."""
+    [--topology v5p-128 [--slices 2] [--sample-batch R --sample-len T --sample-new M | --no-sampler]]`:
+    print the per-device memory table and return the Plan. A GRPO stage's update (and rollout) is
+    planned with a --topology only. With a topology the sampler is planned too (`sampler`)."""
     if hardware is not None and hardware not in HARDWARE:
         raise ConfigError(f"--hardware: unknown {hardware!r}; valid: {', '.join(HARDWARE)}")
+    flags = {"--sample-batch": sample_batch, "--sample-len": sample_len, "--sample-new": sample_new}
+    _check_sample_flags(flags, topology, sampler)
     topo = None
     if topology is not None:  # every check that needs no compiler, before the config is even read
         if hardware is not None:
@@ -453,12 +524,18 @@ def plan_command(config_path, overrides=(), mesh_spec: str | None = None, *, dev
     elif slices != 1:
         raise ConfigError("--slices: only with --topology")
     if config_lib.read_yaml(config_path).get("stage") == "grpo":
+        given = [k for k, v in flags.items() if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]}: a GRPO stage samples its rollout, prompts.batch_size x num_generations "
+                              f"rows of prompts.seq_len + max_new_tokens tokens; set those keys instead")
         result = plan_grpo(_grpo_config(config_path, overrides, mesh_spec, topo, batch_size, seq_len), topo,
-                           name=str(Path(config_path)))
+                           name=str(Path(config_path)), sampler=sampler)
         print(format_plan(result), file=out or sys.stdout)
         return result
     cfg, n = load_plan_config(config_path, overrides, mesh_spec, batch_size=batch_size, seq_len=seq_len,
                               devices=devices, slices=slices)
-    result = plan(cfg, n, HARDWARE.get(hardware), name=str(Path(config_path)), compile=compile, topology=topo)
+    sample = _sample_shape(cfg, sample_batch, sample_len, sample_new) if topo and sampler else None
+    result = plan(cfg, n, HARDWARE.get(hardware), name=str(Path(config_path)), compile=compile, topology=topo,
+                  sample=sample)
     print(format_plan(result), file=out or sys.stdout)
     return result

@@ -54,6 +54,7 @@ LAYERS = {
     "r1jax.pipeline": 10,
     "r1jax.demo": 10,
     "r1jax.plan": 10,
+    "r1jax.plan_sampler": 10,
     "r1jax.sample": 10,
     "r1jax.cli": 10,
     # The public facade imports lazily whatever it re-exports; nothing imports it.

@@ -213,3 +213,175 @@ def test_plan_topology_through_the_cli_prints_the_fit(capsys):
     assert float(m[2]) == pytest.approx(95.74 * 2**30 / 1e9, abs=0.006)  # v5p's HBM, printed to 10 MB
     assert float(m[1]) == pytest.approx(peak, abs=0.006)
     assert "compiled by XLA:TPU for v5p:2x2x1" in out and "compiled in " in out
+
+
+# --------------------------------------------------------------------------- the sampler's programs
+
+
+def _tiny_plan_config(dispatch, mesh="data=1,fsdp=1,expert=4", devices=4):
+    from r1jax.plan import load_plan_config
+
+    return load_plan_config("configs/model/tiny_v3.yaml", [f"model.moe_dispatch={dispatch}"], mesh, seq_len=64,
+                            devices=devices)[0]
+
+
+def _sampler_arguments(cfg, mesh, lowered, compiled, rows_per_device, slots):
+    """Check a decode step's compiled arguments against the analytic params + cache; -> XLA's bytes."""
+    from r1jax.model.kv_cache import cache_bytes_per_token
+    from r1jax.plan import state_bytes
+
+    params, tok, i, lengths, kv = _argument_bytes(lowered, compiled)
+    assert params[1] == state_bytes(cfg.model, cfg.mesh, dict(mesh.shape))["params"]  # every param, MTP included
+    assert kv[1] == cache_bytes_per_token(cfg.model) * rows_per_device * slots
+    assert tok[1] == lengths[1] == 4 * rows_per_device and i[1] == 4  # int32 per row; the step
+    stats = compiled.memory_analysis()
+    assert stats.argument_size_in_bytes == params[0] + tok[0] + i[0] + lengths[0] + kv[0]
+    assert stats.alias_size_in_bytes == kv[0]  # the donated cache is updated in place, as in the loop
+    return params, kv
+
+
+def test_sampler_decode_step_arguments_are_the_params_and_the_cache_on_cpu():
+    """The lowering API on 8 CPU devices (no tiles): XLA's argument bytes of the decode step are the
+    analytic params + latent cache + 20 bytes (the token fed back, the step, the lengths), exactly."""
+    from r1jax.infer.sampler import lower_decode
+
+    cfg = _tiny_plan_config("capacity_ep", "data=1,fsdp=2,expert=4", devices=8)
+    mesh = mesh_lib.build_mesh(cfg.mesh, jax.devices()[:8])
+    # 12 rows pad to 16 (2 per device), 20 prompt tokens to the bucket 32: 32 + 16 - 1 = 47 cache slots.
+    lowered = lower_decode(cfg.model, mesh, 12, 20, 16, rules=cfg.mesh)
+    compiled = lowered.compile()
+    params, kv = _sampler_arguments(cfg, mesh, lowered, compiled, 2, 47)
+    # Measured: 194,656 bytes of params (fsdp=2 halves the dense weights, expert=4 splits the experts)
+    # and 3 layers x 47 slots x 2 rows x (32 + 16) float32 = 54,144 bytes of cache per device.
+    assert (params[1], kv[1]) == (194_656, 54_144)
+    assert compiled.memory_analysis().argument_size_in_bytes == 194_656 + 54_144 + 20
+
+
+@needs_libtpu
+@pytest.mark.slow  # ~40-60 s each: three XLA:TPU compiles
+@pytest.mark.parametrize("dispatch", ["capacity_ep", "ragged_ep"])
+def test_tiny_v3_train_step_and_sampler_compile_for_v5p_with_expert_parallelism(dispatch):
+    """The train step with `dispatch`, then the sampler's prefill and decode step on the same mesh. The
+    sampler is dropless: capacity_ep becomes ragged_ep on TPU, so both exchange with the ragged
+    all-to-all. The decode step's unpadded arguments are the analytic params + cache exactly; XLA's
+    argument bytes are those shards in TPU tiles (the cache's 47 slots pad to 128 lanes)."""
+    from r1jax.infer.sampler import lower_decode, lower_prefill
+    from r1jax.plan import lower_step, state_bytes
+
+    cfg = _tiny_plan_config(dispatch)
+    mesh = mesh_lib.build_mesh(cfg.mesh, _devices("v5p:2x2x1"))
+    train = lower_step(cfg, cfg.model, mesh).compile()
+    assert ("ragged-all-to-all" in train.as_text()) == (dispatch == "ragged_ep")
+    prefill_lowered = lower_prefill(cfg.model, mesh, 8, 20, 16, rules=cfg.mesh)
+    prefill = prefill_lowered.compile()
+    decode_lowered = lower_decode(cfg.model, mesh, 8, 20, 16, rules=cfg.mesh)
+    decode = decode_lowered.compile()
+    assert "ragged-all-to-all" in prefill.as_text() and "ragged-all-to-all" in decode.as_text()
+    (params_tiled, params_raw), _, _ = _argument_bytes(prefill_lowered, prefill)
+    assert params_raw == state_bytes(cfg.model, cfg.mesh, dict(mesh.shape))["params"]
+    # 8 rows: 2 per chip; the prompt bucket 32 + 16 - 1 = 47 slots.
+    _, (kv_tiled, kv_raw) = _sampler_arguments(cfg, mesh, decode_lowered, decode, 2, 47)
+    assert kv_raw == 3 * 47 * 2 * (32 + 16) * 4
+    # Measured: XLA:TPU lays each cache shard [layers, 2 rows, 47 slots, 32 or 16] out with the slots
+    # minor, padded to 128 lanes (the 32 and 16 are whole sublane tiles of 8): 147,456 bytes, 3.3x.
+    assert kv_tiled == 3 * 2 * (32 + 16) * 128 * 4 == 147_456
+
+
+def _rows(out, title):
+    """(bytes per printed unit, {row label: [numbers]}) of the plan's table whose header holds `title`."""
+    start = out.rindex("\n", 0, out.index(title)) + 1
+    head, *table = out[start:].split("\n\n")[0].splitlines()
+    unit = 1e9 if re.search(r"\bGB\b", head) else 1e6
+    return unit, {r.split(" | ")[0][2:]: [float(x.replace(",", "")) for x in r.strip(" |").split(" | ")[1:]]
+                  for r in table[1:]}
+
+
+@needs_libtpu
+@pytest.mark.slow  # ~60-90 s: the train step, the prefill and the decode step through XLA:TPU
+def test_plan_prints_the_sampler_and_the_larger_peak_decides_the_fit():
+    """A train config sampling 256 rows of 512 + 512 tokens: the sampler's prefill (fp32 scores of 64
+    rows x 4 heads x 512^2 per chip) outgrows the train step, and the verdict follows it."""
+    import io
+
+    from r1jax.model.kv_cache import cache_bytes_per_token
+    from r1jax.plan import plan_command
+    from r1jax.plan_sampler import with_code
+
+    buf = io.StringIO()
+    p = plan_command("configs/model/tiny_v3.yaml", ["model.moe_dispatch=capacity_ep"], "data=1,fsdp=1,expert=4",
+                     seq_len=64, topology="v5p:2x2x1", sample_batch=256, sample_len=1024, out=buf)
+    out, sp = buf.getvalue(), p.sampler
+    assert ("sampler: sampling the trained model: 256 rows (64 per chip), prompt bucket 512 + 512 new tokens, a "
+            "latent cache of 1023 slots per row; moe_dispatch=ragged_ep (dropless)") in out
+    unit, analytic = _rows(out, "| sampler, per chip (analytic) |")
+    assert cache_bytes_per_token(p.model) == 3 * (32 + 16) * 4
+    # 576 bytes a token x 64 rows x 1023 slots = 37,711,872 bytes per chip.
+    assert analytic["KV cache (latent, 1023 slots per row)"] == [round(37_711_872 / unit, 2)]
+    assert analytic["params"] == [round(p.analytic["params"] / unit, 2)]
+    unit, xla = _rows(out, "| prefill XLA:TPU | decode XLA:TPU |")
+    pre, dec = sp.prefill.compiled, sp.decode.compiled
+    assert xla["temporaries"][:2] == [round(pre["temp_size_in_bytes"] / unit, 2), round(dec["temp_size_in_bytes"] / unit, 2)]
+    assert xla["peak + code"][:2] == [round(with_code(pre) / unit, 2), round(with_code(dec) / unit, 2)]
+    # The decode step holds params + cache (tiled) as arguments and gives the cache back in place.
+    assert dec["alias_size_in_bytes"] > 37.71e6 and dec["argument_size_in_bytes"] > dec["alias_size_in_bytes"]
+    train = with_code(p.compiled)
+    sampled = max(with_code(pre), with_code(dec))
+    assert sampled > train
+    lines = out.strip().splitlines()
+    which = "prefill" if with_code(pre) >= with_code(dec) else "decode"
+    assert lines[-2] == (f"peak per chip: train step {train / 1e9:.2f} GB, sampler {sampled / 1e9:.2f} GB ({which}): "
+                         f"the sampler dominates")
+    m = re.fullmatch(r"fits: yes  peak ([\d.]+) GB of ([\d.]+) GB per chip \(([\d.]+)%\)", lines[-1])
+    assert m and float(m[1]) == round(sampled / 1e9, 2)
+
+
+@needs_libtpu
+@pytest.mark.slow  # ~60-90 s: the update, the prefill and the decode step
+def test_plan_grpo_stage_plans_its_rollout_beside_the_resident_state():
+    """The rollout of prompts.batch_size x num_generations rows with Adam and π_ref resident: its peak is
+    the larger program's plus exactly that state."""
+    import io
+
+    from r1jax.plan import plan_command, state_bytes
+    from r1jax.plan_sampler import with_code
+
+    from r1jax.config import GRPOConfig, load
+
+    overrides = ["beta=0.04", "prompts.batch_size=2", "num_generations=4", "prompts.seq_len=20", "max_new_tokens=16",
+                 "model.moe_dispatch=capacity_ep"]
+    buf = io.StringIO()
+    p = plan_command("configs/train/tiny_grpo.yaml", overrides, "data=1,fsdp=1,expert=4", topology="v5p:2x2x1", out=buf)
+    out, sp = buf.getvalue(), p.sampler
+    assert ("sampler: GRPO rollout, prompts.batch_size x num_generations: 8 rows (2 per chip), prompt bucket 32 + "
+            "16 new tokens, a latent cache of 47 slots per row; moe_dispatch=ragged_ep (dropless)") in out
+    cfg = load(GRPOConfig, "configs/train/tiny_grpo.yaml", overrides + ["mesh.data=1", "mesh.expert=4"])
+    s = state_bytes(cfg.model, cfg.mesh, dict(p.mesh))
+    assert sp.resident == s["optimizer"] + s["params"]  # Adam mu, nu and the reference params
+    unit, analytic = _rows(out, "| sampler, per chip (analytic) |")
+    assert analytic["resident beside it: the rest of the training state"] == [round(sp.resident / unit, 2)]
+    sampled = max(with_code(sp.prefill.compiled), with_code(sp.decode.compiled)) + sp.resident
+    update = with_code(p.compiled)
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith(f"peak per chip: GRPO update {update / 1e9:.2f} GB, sampler {sampled / 1e9:.2f} GB (")
+    assert lines[-2].endswith(" + the resident state): the GRPO update dominates" if update >= sampled else
+                              " + the resident state): the sampler dominates")
+    assert lines[-1].startswith(f"fits: yes  peak {max(update, sampled) / 1e9:.2f} GB of ")
+
+
+def test_sample_flags_need_a_topology_and_a_sampler(capsys):
+    assert cli.main(["plan", "configs/model/tiny_v3.yaml", "--sample-batch", "4"]) == 2
+    assert "r1jax plan: error: --sample-batch: the sampler is compiled for a TPU slice; only with --topology" in \
+        capsys.readouterr().err
+    assert cli.main(["plan", "configs/model/tiny_v3.yaml", "--topology", "v5p:2x2x1", "--no-sampler",
+                     "--sample-len", "64"]) == 2
+    assert "--sample-len: --no-sampler leaves the sampler out; drop one of them" in capsys.readouterr().err
+
+
+@needs_libtpu
+def test_sampler_shapes_are_checked_before_anything_compiles(capsys):
+    argv = ["plan", "configs/model/tiny_v3.yaml", "--mesh", "data=1,fsdp=1,expert=4", "--topology", "v5p:2x2x1"]
+    assert cli.main(argv + ["--sample-len", "2048"]) == 2  # the tiny model has 1024 positions
+    assert ("--sample-len/--sample-new: 1024 prompt + 1024 new tokens exceed model.max_position_embeddings=1024"
+            in capsys.readouterr().err)
+    assert cli.main(["plan", "configs/train/tiny_grpo.yaml", "--topology", "v5p:2x2x1", "--sample-new", "8"]) == 2
+    assert "--sample-new: a GRPO stage samples its rollout" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from r1jax.errors import ConfigError, DataError
 from r1jax.infer.tokens import choose_tokens, step_keys
 from r1jax.model.arch import architecture
 from r1jax.model.kv_cache import CacheMode, attend_cached, cache_modes, resolve_cache
+from r1jax.model.params import param_shapes
 from r1jax.model.sharding import param_shardings
 from r1jax.parallel import rules as rules_lib
 
@@ -147,6 +148,21 @@ def _decode(params, tok, i, lengths, kv, P: int, cfg: ModelConfig, mode: CacheMo
     return _logits(params, h, cfg)[:, 0], kv
 
 
+def _start(params, tokens, lengths, M: int, cfg, mode: CacheMode, mesh, axes):
+    """Prefill, then its entries padded to the cache of P + M - 1 slots and split over the batch axes.
+    -> logits [B,W], cache {group: [Y,B,S,...]}."""
+    logits, entries = _prefill(params, tokens, lengths, cfg, mode)
+    # Slots P..P+M-2 receive generated tokens 0..M-2 (the last one is never fed back).
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, M - 1)] + [(0, 0)] * (a.ndim - 3))
+    return logits, _constrain(jax.tree.map(pad, entries), mesh, axes)
+
+
+def _step(params, tok, i, lengths, kv, P: int, cfg, mode: CacheMode, mesh, axes):
+    """One decode step with the cache kept split over the batch axes. -> logits [B,W], cache."""
+    logits, kv = _decode(params, tok, i, lengths, kv, P, cfg, mode)
+    return logits, _constrain(kv, mesh, axes)
+
+
 def _record_step(s: dict, i, tok, logp, logits, stopped, fill_id) -> dict:
     """Write generated token i into the outputs; rows already done get fill_id and log-prob 0."""
     tok, logp = jnp.where(s["done"], fill_id, tok), jnp.where(s["done"], 0.0, logp)
@@ -175,10 +191,8 @@ def _generate(params, tokens, lengths, stop_table, row_ids, seed, temperature, t
                                greedy=greedy, truncate=truncate)
     stopped = lambda t: jnp.any(t[:, None] == stop_table, axis=-1)
 
-    logits, entries = _prefill(params, tokens, lengths, cfg, mode)
-    # Slots P..P+M-2 receive generated tokens 0..M-2 (the last one is never fed back).
-    pad = lambda a: jnp.pad(a, [(0, 0), (0, 0), (0, M - 1)] + [(0, 0)] * (a.ndim - 3))
-    state = {"kv": _constrain(jax.tree.map(pad, entries), mesh, axes), "done": jnp.zeros((B,), bool),
+    logits, kv = _start(params, tokens, lengths, M, cfg, mode, mesh, axes)
+    state = {"kv": kv, "done": jnp.zeros((B,), bool),
              "tokens": jnp.full((B, M), fill_id, jnp.int32), "logprobs": jnp.zeros((B, M), jnp.float32),
              "lengths": jnp.zeros((B,), jnp.int32)}
     if with_logits:
@@ -187,8 +201,8 @@ def _generate(params, tokens, lengths, stop_table, row_ids, seed, temperature, t
 
     def body(carry):
         i, s = carry
-        logits, kv = _decode(params, s["tok"], i, lengths, s["kv"], P, cfg, mode)
-        s = _record_step(dict(s, kv=_constrain(kv, mesh, axes)), i + 1,
+        logits, kv = _step(params, s["tok"], i, lengths, s["kv"], P, cfg, mode, mesh, axes)
+        s = _record_step(dict(s, kv=kv), i + 1,
                          *choose(logits, step_keys(row_keys, i + 1)), logits, stopped, fill_id)
         return i + 1, s
 
@@ -310,6 +324,14 @@ def _pad_rows(arrays: list[np.ndarray], multiple: int) -> list[np.ndarray]:
     return [np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) if extra else a for a in arrays]
 
 
+def _placement(mesh, rules):
+    """How `sample_rows` lays a batch on `mesh`: the rules as pairs (None: the enclosing
+    `sharding_context`'s, else the defaults), the batch axes and the row multiple it pads to."""
+    rules = rules_lib.as_pairs(rules if rules is not None else rules_lib.active_rules())
+    axes = _batch_axes(mesh, rules)
+    return rules, axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def _on_mesh(params, mesh) -> bool:
     return all(isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
                for x in jax.tree.leaves(params))
@@ -342,9 +364,8 @@ def sample_rows(params, cfg, rows, *, max_new_tokens, temperature, top_p, top_k,
     if mesh is None:
         out = run(params, *batch, *scalars, mesh=None, axes=None, rules=None)
     else:
-        rules = rules_lib.as_pairs(rules if rules is not None else rules_lib.active_rules())
-        axes = _batch_axes(mesh, rules)
-        batch = _pad_rows(batch, int(np.prod([mesh.shape[a] for a in axes])))
+        rules, axes, multiple = _placement(mesh, rules)
+        batch = _pad_rows(batch, multiple)
         split = NamedSharding(mesh, PartitionSpec(axes))
         # Every process passes the same rows (the global batch); each device takes its share.
         batch = [jax.make_array_from_process_local_data(split, a, a.shape) for a in batch]
@@ -388,3 +409,62 @@ def generate(params, config, prompts, *, max_new_tokens, temperature=0.0, top_p=
     stop early; after a row emits eos_id the rest of the row is eos_id."""
     return sample(params, config, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                   seed=seed, eos_id=eos_id).tokens
+
+
+# --------------------------------------------------------------------------- lowering (planning)
+# The two halves of `_generate` as programs of their own, for `r1jax plan`: `_start` and `_step` are
+# what its trace runs, on the inputs `sample_rows` would place. Every param is an argument (kept when
+# unused, like the MTP modules) since the params are resident while sampling; the decode step donates
+# its cache, as the while loop updates it in place.
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache", "mesh", "axes"), keep_unused=True)
+def _prefill_program(params, tokens, lengths, *, cfg, max_new_tokens: int, cache: str, mesh, axes):
+    return _start(params, tokens, lengths, max_new_tokens, cfg, cache_modes(cfg)[cache], mesh, axes)
+
+
+@functools.partial(jax.jit, static_argnames=("prompt_len", "cfg", "cache", "mesh", "axes"), donate_argnames=("kv",),
+                   keep_unused=True)
+def _decode_program(params, tok, i, lengths, kv, *, prompt_len: int, cfg, cache: str, mesh, axes):
+    return _step(params, tok, i, lengths, kv, prompt_len, cfg, cache_modes(cfg)[cache], mesh, axes)
+
+
+def _trace_prefill(cfg, mesh, batch: int, prompt_len: int, max_new_tokens: int, cache, rules):
+    """(the traced prefill, what the decode step needs to be traced alike); nothing allocated."""
+    cfg = dropless(cfg, mesh)
+    rules, axes, multiple = _placement(mesh, rules)
+    rows = -(-batch // multiple) * multiple
+    on = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)  # noqa: E731
+    params = jax.tree.map(on, param_shapes(cfg), param_shardings(cfg, mesh, rules))
+    split = NamedSharding(mesh, PartitionSpec(axes))
+    lengths = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=split)
+    tokens = jax.ShapeDtypeStruct((rows, prompt_bucket(prompt_len)), jnp.int32, sharding=split)
+    static = dict(cfg=cfg, cache=resolve_cache(cfg, cache), mesh=mesh, axes=axes)
+    with rules_lib.sharding_context(mesh, rules):
+        traced = _prefill_program.trace(params, tokens, lengths, max_new_tokens=int(max_new_tokens), **static)
+    return traced, (rules, params, lengths, tokens.shape[1], static)
+
+
+def lower_prefill(cfg, mesh, batch: int, prompt_len: int, max_new_tokens: int, *, cache: str | None = None,
+                  rules=None) -> jax.stages.Lowered:
+    """The prefill `sample(..., mesh=mesh, rules=rules)` runs for `batch` prompts of up to `prompt_len`
+    tokens (padded to its bucket, rows to the batch split) and `max_new_tokens`, lowered from abstract
+    inputs on `mesh` (nothing allocated): params sharded as `_place_params` shards them, tokens and
+    lengths split over the batch axes. -> Lowered; outputs: logits [B,W] and the cache {group:
+    [Y,B,S,...]}, S = bucket + max_new_tokens - 1, split over the batch axes."""
+    traced, context = _trace_prefill(cfg, mesh, batch, prompt_len, max_new_tokens, cache, rules)
+    with rules_lib.sharding_context(mesh, context[0]):
+        return traced.lower()
+
+
+def lower_decode(cfg, mesh, batch: int, prompt_len: int, max_new_tokens: int, *, cache: str | None = None,
+                 rules=None) -> jax.stages.Lowered:
+    """One step of `sample`'s decode loop for the same shapes as `lower_prefill`: its arguments are the
+    params, the token fed back [B], the step i, the prompt lengths [B] and the whole cache (donated)."""
+    traced, (rules, params, lengths, P, static) = _trace_prefill(cfg, mesh, batch, prompt_len, max_new_tokens,
+                                                                  cache, rules)
+    cache_split = NamedSharding(mesh, PartitionSpec(None, static["axes"]))
+    kv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cache_split), traced.out_info[1])
+    i = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    with rules_lib.sharding_context(mesh, rules):  # the token fed back is an int32 per row, like lengths
+        return _decode_program.trace(params, lengths, i, lengths, kv, prompt_len=P, **static).lower()
