@@ -34,7 +34,7 @@ def small_blocks(monkeypatch):
     returns the list of its calls' query shapes, so a test can see the model really ran it."""
     calls = []
 
-    def chunked(q, *args):
+    def chunked(q, *args, heads=None):
         calls.append(jax.tree.map(jnp.shape, q))
         return flash.chunked(q, *args, block_q=8, block_k=16)
 
@@ -258,4 +258,5 @@ def test_config_field(tmp_path):
     with pytest.raises(ConfigError, match=r"attention_impl: unknown attention implementation 'flash'"):
         config.load_model("configs/model/tiny_v3.yaml", ["attention_impl=flash"])
     with pytest.raises(ConfigError, match="attention_impl"):
-        DenseConfig(attention_impl="splash")
+        DenseConfig(attention_impl="pallas")
+    assert DenseConfig(attention_impl="splash").attention_impl == "splash"

@@ -27,8 +27,10 @@ MoeDispatch = Annotated[Literal["dense", "ragged", "capacity", "capacity_ep", "r
 RematPolicy = Annotated[Literal["none", "full", "dots", "dots_no_batch"], Choice("policy")]
 # How training attention and the sampler's prefill compute softmax(q·k)·v (r1jax/model/flash.py
 # IMPLEMENTATIONS): "dot" materializes the [B,H,T,T] fp32 scores (the reference); "chunked" is online
-# softmax over query × key blocks with a recomputing backward, memory linear in T (long sequences).
-AttentionImpl = Annotated[Literal["dot", "chunked"], Choice("attention implementation")]
+# softmax over query × key blocks with a recomputing backward, memory linear in T (long sequences);
+# "splash" jax's Pallas TPU kernel, "cudnn" cuDNN's flash attention (GPU; model/kernels.py); "auto"
+# splash on TPU, cudnn on a GPU where it applies, chunked elsewhere.
+AttentionImpl = Annotated[Literal["dot", "chunked", "splash", "cudnn", "auto"], Choice("attention implementation")]
 
 # ---- the HF side: model_type -> architectures entry, and what transformers assumes for absent keys
 
