@@ -12,14 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_attention_impl import SEGMENTS, T, _dot, _gqa_inputs, _grads, _mla_inputs, _np_attention, _tiny
+from test_attention_impl import (SEGMENTS, T, _dot, _gqa_inputs, _grads, _mla_inputs, _np_attention, _tiny,
+                                 sample_both)
 from test_tpu_compile import _devices, needs_libtpu
 
 from r1jax.config import MeshConfig
 from r1jax.errors import ConfigError
-from r1jax.infer import sampler
 from r1jax.model import attention, dense, flash, kernels, rope
-from r1jax.model import params as P
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules as rules_lib
 
@@ -83,18 +82,8 @@ def test_splash_over_several_blocks():
     out = jax.jit(f, static_argnums=5)(q, k, v, seg, seg, 0.35)
     np.testing.assert_allclose(out, _np_attention(q, k, v, segs, segs, 0.35).reshape(out.shape), atol=1e-5, rtol=0)
     grads = jax.jit(lambda *a: _grads(f, *a, seg, seg, 0.35))(q, k, v, ct)
-    for name, a, b in zip("qkv", grads, _grads(_dot_n(n), q, k, v, ct, seg, seg, 0.35)):
+    for name, a, b in zip("qkv", grads, _grads(_dot, q, k, v, ct, seg, seg, 0.35)):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=name)
-
-
-def _dot_n(n):
-    """test_attention_impl._dot at another length (it closes over T)."""
-    def dot(q, k, v, q_seg, k_seg, scale):
-        kv = {"k": k, "v": v}
-        keep = (jnp.arange(n)[:, None] >= jnp.arange(n)[None, :])[None] & (q_seg[:, :, None] == k_seg[:, None, :])
-        return dense.mix(jax.nn.softmax(jnp.where(keep[:, :, None, :], dense.scores(q, kv) * scale,
-                                                  attention.NEG_INF), axis=-1), kv)
-    return dot
 
 
 @pytest.mark.parametrize("name", ["splash", "cudnn"])
@@ -170,13 +159,7 @@ def test_sampler_prefill_same_greedy_tokens(model, cache, name, heads, on_cpu):
     """Ragged prompts in a 32-slot bucket (left padding: padding queries, masked keys): the same greedy
     tokens, and every step's logits to 1e-5, whether the prefill is dot or the kernel. The latent
     cache's prefill is MQA over [c, k_rope] (K = L + R = 48, V = L = 32)."""
-    dot_cfg = _tiny(model)
-    params = P.init_params(dot_cfg, jax.random.PRNGKey(3))
-    rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(3, dot_cfg.vocab_size, n)) for n in (5, 19, 30)]
-    runs = {impl: sampler.sample(params, dot_cfg.replace(attention_impl=impl), prompts, max_new_tokens=6,
-                                 temperature=0.0, cache=cache, bucket=32, return_logits=True)
-            for impl in ("dot", name)}
+    runs = sample_both(model, cache, name)
     assert (name, heads) in on_cpu  # the prefill ran the kernel (decode steps keep the cache's own form)
     np.testing.assert_array_equal(runs[name].tokens, runs["dot"].tokens)
     np.testing.assert_allclose(runs[name].logits, runs["dot"].logits, atol=1e-5, rtol=0)

@@ -212,9 +212,10 @@ class ModelConfig(_HFModel):
     moe_dispatch: MoeDispatch = _r1(default="ragged")
     capacity_factor: float = _r1(default=1.25)
     remat_policy: RematPolicy = _r1(default="none")
-    # Full-sequence attention: "dot" (scores materialized, O(T²) memory) or "chunked" (blockwise
-    # online softmax, O(T) memory forward and backward; same result to fp32 rounding). Decode steps
-    # always use the cache's own form. See docs/deepseek_v3.md §3 and r1jax/model/flash.py.
+    # Full-sequence attention: "dot" (scores materialized, O(T²) memory), "chunked" (blockwise
+    # online softmax, O(T) memory forward and backward; same result to fp32 rounding), or a fused
+    # kernel: "splash" (TPU), "cudnn" (GPU), "auto" (AttentionImpl above). Decode steps always use
+    # the cache's own form. See docs/deepseek_v3.md §3 and r1jax/model/flash.py, kernels.py.
     attention_impl: AttentionImpl = _r1(default="dot")
 
     # ------------------------------------------------------------------ derived sizes
@@ -382,9 +383,10 @@ class DenseConfig(_HFModel):
     dtype: Dtype = _r1(default="float32")
     param_dtype: Dtype = _r1(default="float32")
     remat_policy: RematPolicy = _r1(default="none")
-    # Full-sequence attention: "dot" (scores materialized, O(T²) memory) or "chunked" (blockwise
-    # online softmax, O(T) memory forward and backward; same result to fp32 rounding). Decode steps
-    # always use the cache's own form. See docs/deepseek_v3.md §3 and r1jax/model/flash.py.
+    # Full-sequence attention: "dot" (scores materialized, O(T²) memory), "chunked" (blockwise
+    # online softmax, O(T) memory forward and backward; same result to fp32 rounding), or a fused
+    # kernel: "splash" (TPU), "cudnn" (GPU), "auto" (AttentionImpl above). Decode steps always use
+    # the cache's own form. See docs/deepseek_v3.md §3 and r1jax/model/flash.py, kernels.py.
     attention_impl: AttentionImpl = _r1(default="dot")
 
     def __post_init__(self):

@@ -30,7 +30,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 import r1jax.parallel.rules as rules_lib
 from r1jax.errors import ConfigError
