@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from r1jax import config as config_lib
 from r1jax.config import GRPOConfig, ModelConfig, TrainConfig
 from r1jax.errors import ConfigError
+from r1jax.model import flash as flash_lib
+from r1jax.model.experts import receive_rows
 from r1jax.model.params import param_table
 from r1jax.model.sharding import replicated_dims
 from r1jax.model.specs import block_specs, is_spec
@@ -119,12 +121,24 @@ def _attention_set(m: ModelConfig, B: int, T: int, a: int, rules, sizes) -> floa
     H, K, L, R, V = m.num_attention_heads, m.qk_head_dim, m.kv_lora_rank, m.qk_rope_head_dim, m.v_head_dim
     act = lambda names, shape, size=a: _per_device(names, shape, size, rules, sizes)  # noqa: E731
     per_head = ("batch", "length", "act_heads", None)
-    scores = ("batch", "act_heads", "length", None)
     return (act(("batch", "length", "act_embed"), (B, T, m.hidden_size)) * 2  # normed input, output
             + act(("batch", "length", None), (B, T, m.q_lora_rank or 0))
             + act(per_head, (B, T, H, K)) + act(per_head, (B, T, H, m.qk_nope_head_dim + V))
             + act(("batch", "length", None), (B, T, L + R)) + act(per_head, (B, T, H, V))
-            + act(scores, (B, H, T, T), 4) * 2 + act(scores, (B, H, T, T)))  # fp32 scores, softmax; probs
+            + _scores_set(m, B, T, a, act))
+
+
+def _scores_set(m: ModelConfig, B: int, T: int, a: int, act) -> float:
+    """The attention weights' working set: `dot` materializes all [B,H,T,T] (fp32 scores and softmax,
+    probs in the compute dtype); the blockwise forms one block of queries x keys at a time (fp32 s, p,
+    dp, ds: model/flash.py's backward) plus fp32 accumulators for the context and dq."""
+    H = m.num_attention_heads
+    scores, per_head = ("batch", "act_heads", "length", None), ("batch", "length", "act_heads", None)
+    if m.attention_impl == "dot":
+        return act(scores, (B, H, T, T), 4) * 2 + act(scores, (B, H, T, T))
+    c = min(flash_lib.BLOCK, T)
+    return (4 * act(scores, (B, H, c, c), 4)
+            + act(per_head, (B, T, H, m.qk_head_dim), 4) + act(per_head, (B, T, H, m.v_head_dim), 4))
 
 
 def _moe_set(m: ModelConfig, n: float, a: int, rules, sizes) -> float:
@@ -139,7 +153,7 @@ def _moe_set(m: ModelConfig, n: float, a: int, rules, sizes) -> float:
         slots = E * math.ceil(m.capacity_factor * n * k / E)
         routed = slots * (4 * D + 3 * F) * a  # send, receive, result, returned slots; gate, up, h
     elif m.moe_dispatch == "ragged_ep":
-        rows = group * n * k  # the dropless receive buffer
+        rows = receive_rows(m, group, math.ceil(n))  # the receive buffer: worst case or ragged_buffer_factor's
         routed = rows * (3 * D + 3 * F) * a + n * k * D * a
     elif m.moe_dispatch == "ragged":
         routed = n * k * (2 * D + 3 * F) * a

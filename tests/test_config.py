@@ -2,6 +2,7 @@
 
 import glob
 import json
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,35 @@ def test_missing_config_file_is_named(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         config.load(ModelConfig, tmp_path / "bad.yaml")
+
+
+def test_include_then_change_some_keys(tmp_path):
+    """`model: {include: file, key: value}` equals the file loaded with those keys as overrides, nested
+    mappings merged key by key; a later command-line override still wins."""
+    from r1jax.config import TrainConfig
+
+    base = tmp_path / "run.yaml"
+    base.write_text(f"stage: pretrain\nmodel: {{include: {Path('configs/model/tiny_v3.yaml').resolve()}, "
+                    f"moe_dispatch: capacity, rope_scaling: {{factor: 8}}}}\n")
+    got = config.load(TrainConfig, base, ["model.num_hidden_layers=4"]).model
+    want = config.load(ModelConfig, "configs/model/tiny_v3.yaml",
+                       ["moe_dispatch=capacity", "rope_scaling.factor=8", "num_hidden_layers=4"])
+    assert got == want
+    assert got.rope_scaling["original_max_position_embeddings"] == want.rope_scaling["original_max_position_embeddings"]
+    base.write_text("stage: pretrain\nmodel: {include: nope.yaml, moe_dispatch: capacity}\n")
+    with pytest.raises(ConfigError, match=r"model.include: included file 'nope.yaml' not found"):
+        config.load(TrainConfig, base)
+    base.write_text("stage: pretrain\nmodel: {include: 3}\n")
+    with pytest.raises(ConfigError, match=r"model.include: expected a .yaml file name, got 3"):
+        config.load(TrainConfig, base)
+
+
+def test_671b_pod_configs_load():
+    from r1jax.config import TrainConfig
+
+    cfg = config.load(TrainConfig, "configs/train/deepseek_v3_671b_v5p.yaml")
+    assert cfg.model.num_hidden_layers == 61 and cfg.model.num_nextn_predict_layers == 1
+    assert cfg.model.moe_dispatch == "ragged_ep" and cfg.data.seq_len == 4096
+    assert cfg.model == config.load(ModelConfig, "configs/model/deepseek_v3_671b.yaml",
+                                    [f"{k}={v}" for k, v in (("moe_dispatch", cfg.model.moe_dispatch),
+                                                             ("attention_impl", cfg.model.attention_impl))])

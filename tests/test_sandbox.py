@@ -13,8 +13,8 @@ from r1jax.rl.rewards import code
 
 FAST = sandbox.SandboxLimits(cpu_seconds=2, wall_seconds=4, memory_bytes=256 * 2**20)
 
-pytestmark = pytest.mark.skipif(not sandbox.network_isolation_available(),
-                                reason="no network namespace on this machine: the sandbox refuses to run")
+pytestmark = pytest.mark.skipif(sandbox.isolation_problem() is not None,
+                                reason=f"the sandbox refuses to run here: {sandbox.isolation_problem()}")
 
 
 def _leftover_pids():

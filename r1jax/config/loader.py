@@ -286,10 +286,31 @@ def read_yaml(path) -> dict:
     return d
 
 
+INCLUDE = "include"  # `model: {include: base.yaml, key: value}`: the file, then these keys on top
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """`top` over `base`; mappings merge key by key (`rope_scaling: {factor: 8}` keeps the rest)."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _included(value: str, sub, base: Path, where: str) -> dict:
+    candidates = [base / value, Path(value)]
+    found = next((c for c in candidates if c.exists()), None)
+    if found is None:
+        raise ConfigError(f"{where}: included file {value!r} not found (looked in {base} and the "
+                          f"working directory)")
+    return resolve_includes(read_yaml(found), sub, found.parent, f"{where}.")
+
+
 def resolve_includes(d, cls, base: Path, path: str):
     """A dataclass-typed field may name a YAML file (`model: configs/model/tiny_v3.yaml`), looked
-    up beside the including file, then from the working directory. Resolved before overrides, so
-    `model.num_hidden_layers=2` reaches inside it."""
+    up beside the including file, then from the working directory, or include one and change some
+    of its keys (`model: {include: ../model/deepseek_v3_671b.yaml, moe_dispatch: ragged_ep}`).
+    Resolved before overrides, so `model.num_hidden_layers=2` reaches inside it."""
     if not isinstance(d, dict) or not dataclasses.is_dataclass(cls):
         return d
     hints = typing.get_type_hints(cls)
@@ -303,12 +324,14 @@ def resolve_includes(d, cls, base: Path, path: str):
         if not dataclasses.is_dataclass(sub):
             continue
         if isinstance(value, str) and value.endswith((".yaml", ".yml")):
-            candidates = [base / value, Path(value)]
-            found = next((c for c in candidates if c.exists()), None)
-            if found is None:
-                raise ConfigError(f"{path}{key}: included file {value!r} not found (looked in {base} and the "
-                                  f"working directory)")
-            out[key] = resolve_includes(read_yaml(found), sub, found.parent, f"{path}{key}.")
+            out[key] = _included(value, sub, base, f"{path}{key}")
+        elif isinstance(value, dict) and INCLUDE in value:
+            included = value[INCLUDE]
+            if not (isinstance(included, str) and included.endswith((".yaml", ".yml"))):
+                raise ConfigError(f"{path}{key}.{INCLUDE}: expected a .yaml file name, got {included!r}")
+            rest = {k: v for k, v in value.items() if k != INCLUDE}
+            out[key] = _merge(_included(included, sub, base, f"{path}{key}.{INCLUDE}"),
+                              resolve_includes(rest, sub, base, f"{path}{key}."))
         elif isinstance(value, dict):
             out[key] = resolve_includes(value, sub, base, f"{path}{key}.")
     return out

@@ -211,6 +211,10 @@ class ModelConfig(_HFModel):
     param_dtype: Dtype = _r1(default="float32")
     moe_dispatch: MoeDispatch = _r1(default="ragged")
     capacity_factor: float = _r1(default=1.25)
+    # ragged_ep's receive buffer, in units of a device's own token copies (N·k): null sizes it for the
+    # worst case (dropless); f > 0 gives ceil(f·N·k) rows, copies beyond it dropped and counted
+    # (r1jax/model/experts.py, docs/deepseek_v3.md §5).
+    ragged_buffer_factor: Optional[float] = _r1(default=None)
     remat_policy: RematPolicy = _r1(default="none")
     # Full-sequence attention: "dot" (scores materialized, O(T²) memory), "chunked" (blockwise
     # online softmax, O(T) memory forward and backward; same result to fp32 rounding), or a fused
@@ -271,6 +275,9 @@ class ModelConfig(_HFModel):
                  f"model_type deepseek_v2 supports greedy or group_limited_greedy, got {self.topk_method!r}")
             need(self.rope_interleave, "rope_interleave", "deepseek_v2 always uses interleaved rope")
         need(self.capacity_factor > 0, "capacity_factor", "must be positive")
+        need(self.ragged_buffer_factor is None or _positive_number(self.ragged_buffer_factor) and
+             math.isfinite(self.ragged_buffer_factor), "ragged_buffer_factor",
+             f"must be null (worst-case buffer) or a positive number, got {self.ragged_buffer_factor!r}")
         if self.rope_scaling is not None:
             self._validate_rope()
         check_choice(self.moe_dispatch, MoeDispatch, "moe_dispatch")

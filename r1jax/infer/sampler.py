@@ -94,13 +94,15 @@ def _dropless_expert_parallel(cfg: ModelConfig, platform: str) -> ModelConfig:
     still expert parallel and dropless, at E/k times the expert FFN work of the slots actually used."""
     if platform in experts.NO_RAGGED_ALL_TO_ALL:
         return _full_capacity(cfg)
-    return cfg.replace(moe_dispatch="ragged_ep")
+    return cfg.replace(moe_dispatch="ragged_ep", ragged_buffer_factor=None)
 
 
 # Token-dropping MoE dispatch strategy -> (cfg, platform) -> the dropless config the sampler runs.
 DROPLESS = {
     "capacity": lambda cfg, platform: cfg.replace(moe_dispatch="ragged"),
     "capacity_ep": _dropless_expert_parallel,
+    # A bounded receive buffer (ragged_buffer_factor) drops; the worst-case one does not.
+    "ragged_ep": lambda cfg, platform: cfg.replace(ragged_buffer_factor=None),
 }
 
 

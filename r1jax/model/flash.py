@@ -141,8 +141,11 @@ def _flash_bwd(scores, mix, scale, bq, bk, res, g):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def chunked(q, kv, scores, mix, q_segment_ids, kv_segment_ids, scale: float, block_q: int = 512,
-            block_k: int = 512, *, heads=None):
+BLOCK = 512  # queries and keys per block: [B,512,H,512] fp32 scores fit in VMEM/cache-sized pieces
+
+
+def chunked(q, kv, scores, mix, q_segment_ids, kv_segment_ids, scale: float, block_q: int = BLOCK,
+            block_k: int = BLOCK, *, heads=None):
     """Causal, segment-masked attention of q over kv (T = S), a block of block_q queries × block_k keys
     at a time, fp32 accumulation. q: pytree of [B,T,...]; kv: pytree of [B,S,...]; segment ids [B,T],
     [B,S] int (≥ 0); scores/mix as in the module docstring (static: hashable functions); `heads`, the

@@ -74,15 +74,23 @@ def _ragged_ffn(p, xs, sizes):
     return jax.lax.ragged_dot(h, p["down"], sizes)
 
 
-def _ragged(p, x, weights, ids, cfg, ffn=_ragged_ffn):
-    """Dropless: sort token copies by expert and run the experts on their contiguous rows."""
+def _local_ragged_ffn(p, xs, sizes):
+    """All experts here: every copy runs, none is dropped."""
+    return _ragged_ffn(p, xs, sizes), jnp.int32(0)
+
+
+def _ragged(p, x, weights, ids, cfg, ffn=_local_ragged_ffn):
+    """Sort token copies by expert and run the experts on their contiguous rows. `ffn(p, xs, sizes)
+    -> (rows, dropped)`: dropless here; an exchange with a bounded buffer returns zero rows for the
+    copies it could not send, and counts them."""
     N, k = ids.shape
     flat = ids.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     token = order // k
     sizes = jnp.bincount(flat, length=cfg.n_routed_experts).astype(jnp.int32)
-    out = ffn(p, x[token], sizes).astype(jnp.float32) * weights.reshape(-1)[order][:, None]
-    return jnp.zeros((N, x.shape[1]), jnp.float32).at[token].add(out), jnp.int32(0)
+    rows, dropped = ffn(p, x[token], sizes)
+    out = rows.astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((N, x.shape[1]), jnp.float32).at[token].add(out), dropped
 
 
 def capacity(num_tokens: int, cfg: ModelConfig) -> int:

@@ -145,11 +145,14 @@ def extract_code(completion: str) -> str | None:
 
 
 def code(prompts, completions, *, tests, all_or_nothing: bool = False, cpu_seconds: int = 5,
-         wall_seconds: float = 10.0, memory_mb: int = 512, max_concurrency: int = 4, **_) -> list[float | None]:
+         wall_seconds: float = 10.0, memory_mb: int = 512, disk_mb: int = 64, max_concurrency: int = 4,
+         allow_weak_isolation: bool = False, **_) -> list[float | None]:
     """Run each completion's last ```python block against its test cases in the sandbox: each case
-    `{"input": stdin, "output": expected stdout}`; reward = fraction passed (or 1 only if all pass)."""
+    `{"input": stdin, "output": expected stdout}`; reward = fraction passed (or 1 only if all pass).
+    Refuses to run where the sandbox cannot isolate the code unless `allow_weak_isolation`."""
     limits = sandbox.SandboxLimits(cpu_seconds=cpu_seconds, wall_seconds=wall_seconds,
-                                   memory_bytes=memory_mb * 2**20)
+                                   memory_bytes=memory_mb * 2**20, disk_bytes=disk_mb * 2**20,
+                                   allow_weak_isolation=allow_weak_isolation)
     jobs, owners = [], []
     for i, (completion, cases) in enumerate(zip(completions, tests)):
         src = extract_code(completion)
@@ -221,6 +224,8 @@ class RewardSet:
 def reward_set(specs) -> RewardSet:
     for spec in specs:
         resolve(spec.name)  # fail on a bad name before any sampling
+        if spec.name == "code":  # and on a sandbox that cannot isolate, unless weak isolation is allowed
+            sandbox.require_isolation(bool(dict(spec.kwargs).get("allow_weak_isolation", False)))
     return RewardSet(tuple(specs))
 
 

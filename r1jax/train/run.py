@@ -44,7 +44,7 @@ from r1jax.parallel import mesh as mesh_lib
 from r1jax.train.metrics import MetricsWriter
 
 # What a run may change about an init_from checkpoint's model: how it computes, not what it is.
-EXECUTION_FIELDS = ("dtype", "moe_dispatch", "capacity_factor", "remat_policy")
+EXECUTION_FIELDS = ("dtype", "moe_dispatch", "capacity_factor", "ragged_buffer_factor", "remat_policy")
 
 
 class TrainingDiverged(R1JaxError):
