@@ -34,7 +34,7 @@ def small_blocks(monkeypatch):
     returns the list of its calls' query shapes, so a test can see the model really ran it."""
     calls = []
 
-    def chunked(q, *args):
+    def chunked(q, *args, heads=None):
         calls.append(jax.tree.map(jnp.shape, q))
         return flash.chunked(q, *args, block_q=8, block_k=16)
 
@@ -69,8 +69,8 @@ def _gqa_inputs(B=2, G=2, J=3, K=8, V=6, seed=0):
 
 def _dot(q, k, v, q_seg, k_seg, scale):
     """The materialized form of the callers (`dense.attend`'s mask, where, softmax), in the cache layout."""
-    kv = {"k": k, "v": v}
-    keep = (jnp.arange(T)[:, None] >= jnp.arange(T)[None, :])[None] & (q_seg[:, :, None] == k_seg[:, None, :])
+    kv, n = {"k": k, "v": v}, q.shape[1]
+    keep = (jnp.arange(n)[:, None] >= jnp.arange(n)[None, :])[None] & (q_seg[:, :, None] == k_seg[:, None, :])
     s = jnp.where(keep[:, :, None, :], dense.scores(q, kv) * scale, attention.NEG_INF)
     return dense.mix(jax.nn.softmax(s, axis=-1), kv)
 
@@ -190,19 +190,23 @@ def test_whole_model_chunked_equals_dot(name, small_blocks):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+def sample_both(name, cache, impl):
+    """Greedy samples of three ragged prompts in a 32-slot bucket with prefill `dot` and `impl`: {impl: result}."""
+    dot_cfg = _tiny(name)
+    params = P.init_params(dot_cfg, jax.random.PRNGKey(3))
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(3, dot_cfg.vocab_size, n)) for n in (5, 19, 30)]
+    return {i: sampler.sample(params, dot_cfg.replace(attention_impl=i), prompts, max_new_tokens=6, temperature=0.0,
+                              cache=cache, bucket=32, return_logits=True) for i in ("dot", impl)}
+
+
 @pytest.mark.parametrize("name,cache", [pytest.param("tiny_v3", "latent", marks=pytest.mark.slow),
                                         pytest.param("tiny_v3", "expanded", marks=pytest.mark.slow),
                                         ("tiny_qwen2_student", None)])
 def test_sampler_chunked_prefill_same_greedy_tokens(name, cache, small_blocks):
     """Ragged prompts in a 32-slot bucket (several blocks, padding keys masked): the same greedy tokens,
     and every step's logits to 1e-5, whether the prefill is dot or chunked."""
-    dot_cfg = _tiny(name)
-    params = P.init_params(dot_cfg, jax.random.PRNGKey(3))
-    rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(3, dot_cfg.vocab_size, n)) for n in (5, 19, 30)]
-    runs = {impl: sampler.sample(params, dot_cfg.replace(attention_impl=impl), prompts, max_new_tokens=6,
-                                 temperature=0.0, cache=cache, bucket=32, return_logits=True)
-            for impl in ("dot", "chunked")}
+    runs = sample_both(name, cache, "chunked")
     assert small_blocks  # the prefill ran the chunked entry (decode steps keep the cache's own form)
     np.testing.assert_array_equal(runs["chunked"].tokens, runs["dot"].tokens)
     np.testing.assert_allclose(runs["chunked"].logits, runs["dot"].logits, atol=1e-5, rtol=0)
@@ -258,4 +262,5 @@ def test_config_field(tmp_path):
     with pytest.raises(ConfigError, match=r"attention_impl: unknown attention implementation 'flash'"):
         config.load_model("configs/model/tiny_v3.yaml", ["attention_impl=flash"])
     with pytest.raises(ConfigError, match="attention_impl"):
-        DenseConfig(attention_impl="splash")
+        DenseConfig(attention_impl="pallas")
+    assert DenseConfig(attention_impl="splash").attention_impl == "splash"

@@ -27,8 +27,10 @@ MoeDispatch = Annotated[Literal["dense", "ragged", "capacity", "capacity_ep", "r
 RematPolicy = Annotated[Literal["none", "full", "dots", "dots_no_batch"], Choice("policy")]
 # How training attention and the sampler's prefill compute softmax(q·k)·v (r1jax/model/flash.py
 # IMPLEMENTATIONS): "dot" materializes the [B,H,T,T] fp32 scores (the reference); "chunked" is online
-# softmax over query × key blocks with a recomputing backward, memory linear in T (long sequences).
-AttentionImpl = Annotated[Literal["dot", "chunked"], Choice("attention implementation")]
+# softmax over query × key blocks with a recomputing backward, memory linear in T (long sequences);
+# "splash" jax's Pallas TPU kernel, "cudnn" cuDNN's flash attention (GPU; model/kernels.py); "auto"
+# splash on TPU, cudnn on a GPU where it applies, chunked elsewhere.
+AttentionImpl = Annotated[Literal["dot", "chunked", "splash", "cudnn", "auto"], Choice("attention implementation")]
 
 # ---- the HF side: model_type -> architectures entry, and what transformers assumes for absent keys
 
@@ -214,9 +216,10 @@ class ModelConfig(_HFModel):
     # (r1jax/model/experts.py, docs/deepseek_v3.md §5).
     ragged_buffer_factor: Optional[float] = _r1(default=None)
     remat_policy: RematPolicy = _r1(default="none")
-    # Full-sequence attention: "dot" (scores materialized, O(T²) memory) or "chunked" (blockwise
-    # online softmax, O(T) memory forward and backward; same result to fp32 rounding). Decode steps
-    # always use the cache's own form. See docs/deepseek_v3.md §3 and r1jax/model/flash.py.
+    # Full-sequence attention: "dot" (scores materialized, O(T²) memory), "chunked" (blockwise
+    # online softmax, O(T) memory forward and backward; same result to fp32 rounding), or a fused
+    # kernel: "splash" (TPU), "cudnn" (GPU), "auto" (AttentionImpl above). Decode steps always use
+    # the cache's own form. See docs/deepseek_v3.md §3 and r1jax/model/flash.py, kernels.py.
     attention_impl: AttentionImpl = _r1(default="dot")
 
     # ------------------------------------------------------------------ derived sizes
@@ -387,9 +390,10 @@ class DenseConfig(_HFModel):
     dtype: Dtype = _r1(default="float32")
     param_dtype: Dtype = _r1(default="float32")
     remat_policy: RematPolicy = _r1(default="none")
-    # Full-sequence attention: "dot" (scores materialized, O(T²) memory) or "chunked" (blockwise
-    # online softmax, O(T) memory forward and backward; same result to fp32 rounding). Decode steps
-    # always use the cache's own form. See docs/deepseek_v3.md §3 and r1jax/model/flash.py.
+    # Full-sequence attention: "dot" (scores materialized, O(T²) memory), "chunked" (blockwise
+    # online softmax, O(T) memory forward and backward; same result to fp32 rounding), or a fused
+    # kernel: "splash" (TPU), "cudnn" (GPU), "auto" (AttentionImpl above). Decode steps always use
+    # the cache's own form. See docs/deepseek_v3.md §3 and r1jax/model/flash.py, kernels.py.
     attention_impl: AttentionImpl = _r1(default="dot")
 
     def __post_init__(self):

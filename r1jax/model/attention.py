@@ -69,6 +69,14 @@ def mix(weights: jax.Array, kv: dict) -> jax.Array:
     return jnp.einsum("BTHS,BSHV->BTHV", weights.astype(kv["v"].dtype), kv["v"])
 
 
+def heads(q: tuple, kv: dict):
+    """The plain heads the fused kernels take (kernels.py): q [B,T,H,N+R], k [B,S,H,N+R] (the shared rope
+    key repeated per head), v [B,S,H,V]."""
+    q_nope, q_rope = q
+    k_rope = jnp.broadcast_to(kv["k_rope"][:, :, None], kv["k_nope"].shape[:3] + kv["k_rope"].shape[-1:])
+    return (jnp.concatenate([q_nope, q_rope], -1), jnp.concatenate([kv["k_nope"], k_rope], -1), kv["v"])
+
+
 def output(p: dict, ctx: jax.Array) -> jax.Array:
     """ctx [B,T,H,V] -> [B,T,D]."""
     y = jnp.einsum("BTHV,HVD->BTD", ctx, p["o"])
@@ -85,7 +93,7 @@ def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, 
     impl = flash.blockwise(cfg)
     if impl is not None:
         ctx = impl((q_nope, q_rope), {"k_nope": k_nope, "k_rope": k_rope, "v": v}, scores, mix,
-                   segment_ids, segment_ids, rope.softmax_scale(cfg))
+                   segment_ids, segment_ids, rope.softmax_scale(cfg), heads=heads)
         return output(p, constrain(ctx, PER_HEAD))
     # q·k = q_nope·k_nope + q_rope·k_rope; the rope key is one head shared by all (docs/deepseek_v3.md §3).
     s = jnp.einsum("BTHN,BSHN->BHTS", q_nope, k_nope, preferred_element_type=jnp.float32)

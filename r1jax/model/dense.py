@@ -73,6 +73,12 @@ def mix(weights: jax.Array, kv: dict) -> jax.Array:
     return jnp.einsum("BTGJS,BSGK->BTGJK", w, kv["v"]).reshape(B, T, H, -1)
 
 
+def heads(q: jax.Array, kv: dict):
+    """The plain heads the fused kernels take (kernels.py): q [B,T,H,K], k and v [B,S,G,K] as they are."""
+    B, T, G, J, K = q.shape
+    return q.reshape(B, T, G * J, K), kv["k"], kv["v"]
+
+
 def output(p: dict, ctx: jax.Array) -> jax.Array:
     """ctx [B,T,H,K] -> [B,T,D]."""
     y = jnp.einsum("BTHK,HKD->BTD", ctx, p["o"])
@@ -86,7 +92,7 @@ def attend(p: dict, x: jax.Array, positions: jax.Array, segment_ids: jax.Array, 
     qg = grouped(q, cfg.num_key_value_heads)
     impl = flash.blockwise(cfg)
     if impl is not None:
-        ctx = impl(qg, {"k": k, "v": v}, scores, mix, segment_ids, segment_ids, softmax_scale(cfg))
+        ctx = impl(qg, {"k": k, "v": v}, scores, mix, segment_ids, segment_ids, softmax_scale(cfg), heads=heads)
         return output(p, constrain(ctx, PER_HEAD))
     s = jnp.einsum("BTGJK,BSGK->BGJTS", qg, k, preferred_element_type=jnp.float32)
     s = jnp.where(mask(segment_ids)[:, :, None], s * softmax_scale(cfg), NEG_INF)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+import r1jax.model.kernels as kernels
 from r1jax.config import AttentionImpl, check_names
 
 NEG_INF = -1e30  # finite, so a fully masked row (padding) gives uniform weights instead of NaN
@@ -144,11 +145,13 @@ BLOCK = 512  # queries and keys per block: [B,512,H,512] fp32 scores fit in VMEM
 
 
 def chunked(q, kv, scores, mix, q_segment_ids, kv_segment_ids, scale: float, block_q: int = BLOCK,
-            block_k: int = BLOCK):
+            block_k: int = BLOCK, *, heads=None):
     """Causal, segment-masked attention of q over kv (T = S), a block of block_q queries × block_k keys
     at a time, fp32 accumulation. q: pytree of [B,T,...]; kv: pytree of [B,S,...]; segment ids [B,T],
-    [B,S] int (≥ 0); scores/mix as in the module docstring (static: hashable functions).
+    [B,S] int (≥ 0); scores/mix as in the module docstring (static: hashable functions); `heads`, the
+    plain-heads form the fused kernels take (kernels.py), is not needed here.
     -> context [B,T,H,...] in mix's dtype."""
+    del heads
     T, S = q_segment_ids.shape[1], kv_segment_ids.shape[1]
     if T != S:
         raise ValueError(f"chunked attention: queries and keys must be the same sequence, got T={T}, S={S}")
@@ -164,11 +167,25 @@ def chunked(q, kv, scores, mix, q_segment_ids, kv_segment_ids, scale: float, blo
     return jnp.where(_expand(lse < NEG_INF / 2, out), uniform.astype(out.dtype), out)
 
 
-# attention_impl name -> the full-sequence attention with `chunked`'s signature, or None for "dot":
-# each caller keeps its own materialized softmax in its own layout, so the default computes exactly
-# what it always did. A fused kernel (Pallas splash on TPU, cuDNN on GPU) is one more entry here
-# with this signature, and a name in config/model.py AttentionImpl.
-IMPLEMENTATIONS = {"dot": None, "chunked": chunked}
+def auto(q, kv, scores, mix, q_segment_ids, kv_segment_ids, scale: float, *, heads=None):
+    """The platform's kernel, chosen at trace time: splash on TPU, cudnn on a GPU where it applies
+    (dtype, head dim: `kernels.cudnn_unsupported`), chunked elsewhere and for a caller without `heads`."""
+    where = kernels.platform()
+    impl = chunked
+    if heads is not None and where == "tpu":
+        impl = kernels.splash
+    elif heads is not None and where == "gpu":
+        qh, _, vh = jax.eval_shape(heads, q, kv)
+        if kernels.cudnn_unsupported(where, qh.dtype, qh.shape[-1], vh.shape[-1]) is None:
+            impl = kernels.cudnn
+    return impl(q, kv, scores, mix, q_segment_ids, kv_segment_ids, scale, heads=heads)
+
+
+# attention_impl name -> the full-sequence attention with `chunked`'s signature (plus `heads`, the
+# plain-heads form of the caller's q/kv that the fused kernels take), or None for "dot": each caller
+# keeps its own materialized softmax in its own layout, so the default computes exactly what it always
+# did. The fused kernels (Pallas splash on TPU, cuDNN on GPU) are in kernels.py.
+IMPLEMENTATIONS = {"dot": None, "chunked": chunked, "splash": kernels.splash, "cudnn": kernels.cudnn, "auto": auto}
 check_names(IMPLEMENTATIONS, AttentionImpl, "attention_impl")
 
 

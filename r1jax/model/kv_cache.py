@@ -92,6 +92,17 @@ def _expanded_finish(p, ctx, cfg):
     return ctx
 
 
+def _latent_heads(q, entry):
+    # Plain heads for the fused kernels: one kv head (MQA) over [c, k_rope], values c.
+    q_lat, q_rope = q
+    k = jnp.concatenate([entry["c"], entry["k_rope"]], -1)[:, :, None]
+    return jnp.concatenate([q_lat, q_rope], -1), k, entry["c"][:, :, None]
+
+
+def _expanded_heads(q, entry):
+    return q, entry["k"], entry["v"]
+
+
 def _latent_widths(cfg: ModelConfig) -> dict:
     return {"c": (cfg.kv_lora_rank,), "k_rope": (cfg.qk_rope_head_dim,)}
 
@@ -124,9 +135,10 @@ class CacheMode:
     output: callable  # (attn params, context, cfg) -> [B,T,D]
     widths: callable  # cfg -> {name: per-token trailing shape}
     scale: callable  # cfg -> softmax scale
+    heads: callable = None  # (query, entry) -> plain q [B,T,H,K], k [B,S,G,K], v [B,S,G,V] (kernels.py)
 
 
-def _mla_mode(entry, query, scores, mix, finish, widths) -> CacheMode:
+def _mla_mode(entry, query, scores, mix, finish, widths, heads) -> CacheMode:
     """An MLA cache: `entry` maps the latent c [B,T,L] and k_rope [B,T,R] to what is cached, `query`
     maps q_nope/q_rope into the cache's key space, `finish` maps the mixed context to [B,T,H,V]."""
     def project(p, x, cos, sin, cfg):
@@ -136,19 +148,20 @@ def _mla_mode(entry, query, scores, mix, finish, widths) -> CacheMode:
     def output(p, ctx, cfg):
         return attention.output(p, finish(p, ctx, cfg))
 
-    return CacheMode(project, scores, mix, output, widths, rope.softmax_scale)
+    return CacheMode(project, scores, mix, output, widths, rope.softmax_scale, heads)
 
 
 # Architecture name (arch.py) -> its cache modes, the default first.
 CACHES = {
     "deepseek": {
         "latent": _mla_mode(_latent_entry, _latent_query, _latent_scores, _latent_mix, _latent_finish,
-                            _latent_widths),
+                            _latent_widths, _latent_heads),
         "expanded": _mla_mode(_expanded_entry, _expanded_query, _expanded_scores, _expanded_mix, _expanded_finish,
-                              _expanded_widths),
+                              _expanded_widths, _expanded_heads),
     },
     "dense": {
-        "gqa": CacheMode(_gqa_project, dense.scores, dense.mix, _gqa_output, _gqa_widths, dense.softmax_scale),
+        "gqa": CacheMode(_gqa_project, dense.scores, dense.mix, _gqa_output, _gqa_widths, dense.softmax_scale,
+                         dense.heads),
     },
 }
 # Every mode name of every architecture (to check a name before the model, and so its architecture, is known).
@@ -192,7 +205,7 @@ def attend_cached(p, x, cos, sin, new_valid, old, old_mask, cfg: ModelConfig, mo
     if old is None and impl is not None:
         # Every query is segment 1 and the valid keys too: the causal mask over valid keys below.
         ctx = impl(q, new, mode.scores, mode.mix, jnp.ones_like(new_valid, jnp.int32),
-                   new_valid.astype(jnp.int32), mode.scale(cfg))
+                   new_valid.astype(jnp.int32), mode.scale(cfg), heads=mode.heads)
         return mode.output(p, ctx, cfg), new
     T = new_valid.shape[1]
     new_mask = jnp.tril(jnp.ones((T, T), bool))[None] & new_valid[:, None, :]
