@@ -87,6 +87,7 @@ class Plan:
     compile_seconds: float | None = None
     flops: float | None = None  # XLA's cost_analysis, per device
     step: str = "train step"  # the compiled step's name in the verdict
+    refused: plan_sampler.Refused | None = None  # XLA ran out of HBM compiling the step or the sampler
     sampler: SamplerPlan | None = None  # the sampler's programs on the same mesh (with a topology)
 
 
@@ -294,6 +295,17 @@ def _sampler(m: ModelConfig, mesh, rules, sample: tuple[int, int, int], what: st
     return sp
 
 
+def _compile_on_topology(lower, result: Plan, mesh, rules) -> None:
+    """The step, then the sampler's programs; XLA refusing one for lack of HBM is the verdict, not a
+    crash (the analytic side is still printed)."""
+    try:
+        _compile(lower, result)
+        if result.sampler:
+            plan_sampler.compile_programs(result.sampler, mesh, rules)
+    except plan_sampler.Refused as refused:
+        result.refused = refused
+
+
 def plan_grpo(cfg: GRPOConfig, topology: topology_lib.Topology, *, name: str = "", sampler: bool = True) -> Plan:
     """GRPO's update compiled by XLA:TPU for `topology`, and (`sampler`) its rollout's prefill and decode
     step. The analytic side is its state (exact); the activation estimate is the train step's and is
@@ -317,9 +329,7 @@ def plan_grpo(cfg: GRPOConfig, topology: topology_lib.Topology, *, name: str = "
                                   cfg.prompts.seq_len, cfg.max_new_tokens),
                                   "GRPO rollout, prompts.batch_size x num_generations", "prompts.seq_len/max_new_tokens",
                                   resident=items["total"] - items["params"])
-    _compile(lambda: lower_grpo_update(cfg, mesh), result)
-    if sampler:
-        plan_sampler.compile_programs(result.sampler, mesh, cfg.mesh)
+    _compile_on_topology(lambda: lower_grpo_update(cfg, mesh), result, mesh, cfg.mesh)
     result.replicated = replicated_dims(m, mesh, cfg.mesh)
     return result
 
@@ -349,9 +359,7 @@ def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, na
         if sample:
             result.sampler = _sampler(m, mesh, cfg.mesh, sample, "sampling the trained model",
                                       "--sample-len/--sample-new")
-        _compile(lambda: lower_step(cfg, m, mesh), result)
-        if sample:
-            plan_sampler.compile_programs(result.sampler, mesh, cfg.mesh)
+        _compile_on_topology(lambda: lower_step(cfg, m, mesh), result, mesh, cfg.mesh)
     elif compile and devices <= len(local) and (hardware is None or hardware.platform == local[0].platform):
         mesh = mesh_lib.build_mesh(cfg.mesh, local[:devices])
         _compile(lambda: lower_step(cfg, m, mesh), result)
@@ -375,6 +383,8 @@ def _topology_lines(p: Plan) -> list[str]:
     """XLA:TPU beside the analytic estimate, the sampler's programs, then the verdict: the larger peak
     (a program's code sits in HBM too)."""
     c, a, hbm = p.compiled, p.analytic, p.hardware.memory
+    if c is None:
+        return _refused_lines(p, p.step)
     state = sum(a.get(k, 0.0) for k in STATE_ITEMS)
     rest = None if set(a) <= {*STATE_ITEMS, "total"} else a["total"] - state  # None: state only (GRPO)
     peak = with_code(c)
@@ -386,6 +396,9 @@ def _topology_lines(p: Plan) -> list[str]:
              "", f"| per chip | XLA:TPU ({unit[0]}) | analytic ({unit[0]}) |", "|---|---:|---:|"]
     lines += [f"| {k} | {_fmt(x, unit)} | {'-' if e is None else _fmt(e, unit)} |" for k, x, e in rows]
     lines += [""]
+    if p.refused:
+        program = "sampler prefill" if p.sampler.prefill.compiled is None else "sampler decode step"
+        return lines + _refused_lines(p, program)
     if p.sampler:
         lines += plan_sampler.lines(p.sampler) + [""]
         sampled, program = plan_sampler.peak(p.sampler)
@@ -396,6 +409,12 @@ def _topology_lines(p: Plan) -> list[str]:
     lines.append(f"fits: {'yes' if peak <= hbm else 'no'}  peak {peak / 1e9:.2f} GB of {hbm / 1e9:.2f} GB per chip "
                  f"({100 * peak / hbm:.1f}%)")
     return lines
+
+
+def _refused_lines(p: Plan, program: str) -> list[str]:
+    r, hbm = p.refused, p.hardware.memory
+    return ["", f"XLA:TPU refused to compile the {program} ({r.seconds:.1f} s): {r.message}",
+            f"fits: no  the {program} needs more than {hbm / 1e9:.2f} GB per chip ({r.needed})"]
 
 
 def format_plan(p: Plan) -> str:

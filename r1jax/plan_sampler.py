@@ -23,7 +23,10 @@ The cache holds S = P + max_new_tokens - 1 slots per row (infer/sampler.py's lay
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
+
+import jax
 
 from r1jax.config import ModelConfig
 from r1jax.errors import ConfigError
@@ -44,10 +47,32 @@ class Program:
     flops: float | None = None  # XLA's cost_analysis, per device
 
 
+class Refused(Exception):
+    """XLA refused to compile a program: it needs more memory than the chip has."""
+
+    def __init__(self, message: str, seconds: float):
+        super().__init__(message)
+        self.message, self.seconds = message, seconds
+
+    @property
+    def needed(self) -> str:
+        """What XLA says the program needs, e.g. 'HLO temporaries 17.25G > 15.75G HBM' (binary units)."""
+        m = re.search(r"required for (.+?) \(([\d.]+\w?)\) exceeds available HBM \(([\d.]+\w?)\)", self.message)
+        return f"{m[1]} {m[2]} > {m[3]} HBM" if m else self.message
+
+
 def compile_into(lower, result) -> None:
-    """Compile `lower()` and record its memory, compile time and flops on `result` (a Program or Plan)."""
+    """Compile `lower()` and record its memory, compile time and flops on `result` (a Program or Plan).
+    Raises Refused when XLA runs out of device memory compiling it (its verdict: does not fit)."""
     t = time.perf_counter()
-    compiled = lower().compile()
+    lowered = lower()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = str(e).split("RESOURCE_EXHAUSTED:", 1)[-1].strip().splitlines()[0]
+        raise Refused(first, time.perf_counter() - t) from None
     result.compile_seconds = time.perf_counter() - t
     stats = compiled.memory_analysis()
     result.compiled = {f: int(getattr(stats, f)) for f in MEMORY_FIELDS}

@@ -215,6 +215,26 @@ def test_plan_topology_through_the_cli_prints_the_fit(capsys):
     assert "compiled by XLA:TPU for v5p:2x2x1" in out and "compiled in " in out
 
 
+
+@needs_libtpu
+@pytest.mark.slow  # ~30 s
+def test_a_step_xla_cannot_fit_is_the_verdict_not_a_crash(capsys):
+    """[rows, heads, T, T] fp32 scores of `dot` attention at T = 8192 need ~4 GiB per row and head: far
+    beyond a v5e chip's 16 GiB. XLA:TPU refuses to compile; plan prints its reason and `fits: no`."""
+    argv = ["plan", "configs/model/tiny_v3.yaml", "model.attention_impl=dot", "--mesh", "data=4",
+            "--seq-len", "8192", "--batch", "16", "--topology", "v5e:2x2", "--no-sampler"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| total |" in out  # the analytic table is still there
+    refused = re.search(r"^XLA:TPU refused to compile the train step \([\d.]+ s\): (.*)$", out, re.M)
+    assert refused and "memory" in refused[1], out
+    last = out.strip().splitlines()[-1]
+    m = re.fullmatch(r"fits: no  the train step needs more than ([\d.]+) GB per chip \((.+) ([\d.]+)G > ([\d.]+)G HBM\)",
+                     last)
+    assert m, last
+    assert float(m[1]) == pytest.approx(16 * 2**30 / 1e9, abs=0.006)  # v5e's HBM
+    assert float(m[3]) > float(m[4])
+
 # --------------------------------------------------------------------------- the sampler's programs
 
 
