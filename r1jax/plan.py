@@ -65,8 +65,8 @@ HARDWARE = {
     "h200": Hardware("NVIDIA H200 (141 GB)", 141e9, "cuda"),
     # TPUs: the HBM per chip that `--topology` uses too (95.74 GiB for a v5p, as XLA:TPU allows).
     "v5p": Hardware("TPU v5p (95.74 GiB)", topology_lib.HBM_BYTES["TPU v5"], "tpu"),
-    "v5e": Hardware("TPU v5e (16 GiB)", topology_lib.HBM_BYTES["TPU v5 lite"], "tpu"),
-    "v6e": Hardware("TPU v6e (32 GiB)", topology_lib.HBM_BYTES["TPU v6 lite"], "tpu"),
+    "v5e": Hardware("TPU v5e (15.75 of 16 GiB)", topology_lib.HBM_BYTES["TPU v5 lite"], "tpu"),
+    "v6e": Hardware("TPU v6e (31.25 of 32 GiB)", topology_lib.HBM_BYTES["TPU v6 lite"], "tpu"),
 }
 
 
