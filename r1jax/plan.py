@@ -87,6 +87,7 @@ class Plan:
     compile_seconds: float | None = None
     flops: float | None = None  # XLA's cost_analysis, per device
     step: str = "train step"  # the compiled step's name in the verdict
+    tokens: int = 0  # tokens per optimizer step, all devices
     refused: plan_sampler.Refused | None = None  # XLA ran out of HBM compiling the step or the sampler
     sampler: SamplerPlan | None = None  # the sampler's programs on the same mesh (with a topology)
 
@@ -347,7 +348,7 @@ def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, na
     B = cfg.data.batch_size // cfg.optimizer.grad_accum_steps
     rows = B // rules_lib.split_of("batch", cfg.mesh, sizes)
     result = Plan(name, sizes, devices, hardware, rows, cfg.data.seq_len, analytic(cfg, m, sizes), model=m,
-                  topology=topology)
+                  topology=topology, tokens=cfg.data.batch_size * cfg.data.seq_len)
     local = jax.devices()
     if topology is not None:
         chips = topology_lib.topology_devices(topology)
@@ -392,7 +393,7 @@ def _topology_lines(p: Plan) -> list[str]:
     rows = [("arguments (XLA: state + batch in TPU tiles; analytic: the state)", c["argument_size_in_bytes"], state),
             ("temporaries", c["temp_size_in_bytes"], rest),
             ("peak + code", peak, None if rest is None else a["total"])]
-    lines = ["", f"compiled in {p.compile_seconds:.1f} s; {p.flops or 0:,.0f} flops per chip per step (XLA)",
+    lines = ["", f"compiled in {p.compile_seconds:.1f} s; {_flops_line(p)}",
              "", f"| per chip | XLA:TPU ({unit[0]}) | analytic ({unit[0]}) |", "|---|---:|---:|"]
     lines += [f"| {k} | {_fmt(x, unit)} | {'-' if e is None else _fmt(e, unit)} |" for k, x, e in rows]
     lines += [""]
@@ -409,6 +410,19 @@ def _topology_lines(p: Plan) -> list[str]:
     lines.append(f"fits: {'yes' if peak <= hbm else 'no'}  peak {peak / 1e9:.2f} GB of {hbm / 1e9:.2f} GB per chip "
                  f"({100 * peak / hbm:.1f}%)")
     return lines
+
+
+def _flops_line(p: Plan) -> str:
+    """Model FLOPs per chip per step beside XLA's count, which takes each scanned layer stack's body
+    once (so it is far below the model's for a deep model)."""
+    from r1jax.train.flops import train_flops_per_token
+
+    xla = f"XLA's cost_analysis: {p.flops or 0:.3g} (a scanned loop's body counted once)"
+    if not p.tokens:
+        return xla
+    tokens = p.tokens / p.devices
+    model = train_flops_per_token(p.model, p.seq_len) * tokens
+    return f"{tokens:,.0f} tokens per chip per step, {model:.3g} model FLOPs per chip per step; {xla}"
 
 
 def _refused_lines(p: Plan, program: str) -> list[str]:

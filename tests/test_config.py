@@ -189,6 +189,8 @@ def test_671b_pod_configs_load():
     cfg = config.load(TrainConfig, "configs/train/deepseek_v3_671b_v5p.yaml")
     assert cfg.model.num_hidden_layers == 61 and cfg.model.num_nextn_predict_layers == 1
     assert cfg.model.moe_dispatch == "ragged_ep" and cfg.data.seq_len == 4096
+    assert cfg.model.ragged_buffer_factor is None and cfg.loss_chunk == 1024  # dropless, as BUILD.md planned it
     assert cfg.model == config.load(ModelConfig, "configs/model/deepseek_v3_671b.yaml",
-                                    [f"{k}={v}" for k, v in (("moe_dispatch", cfg.model.moe_dispatch),
-                                                             ("attention_impl", cfg.model.attention_impl))])
+                                    ["moe_dispatch=ragged_ep", "attention_impl=chunked"])
+    grpo = config.load(config.GRPOConfig, "configs/train/deepseek_v3_671b_grpo_v5p.yaml")
+    assert grpo.model.num_hidden_layers == 61 and grpo.beta == 0.001 and grpo.num_generations == 16
