@@ -277,8 +277,9 @@ def test_sft_loss_ignores_user_tokens():
 
 def test_train_recipes_load_and_fit_the_tokenizer():
     """Every recipe in configs/train loads through the stage loader (unknown keys, types and values
-    are checked there), passes the pre-compile mesh checks on one device, and its model's vocabulary
-    covers its tokenizer."""
+    are checked there). The tiny ones pass the pre-compile mesh checks on one device and their model's
+    vocabulary covers their tokenizer; the pod ones (whose tokenizer is the user's model directory)
+    pass the mesh checks on the chips their mesh names (BUILD.md compiles them for those slices)."""
     from r1jax.config import ModelConfig
     from r1jax.data.tokenizer import load_tokenizer
     from r1jax.parallel.mesh import check_train
@@ -287,10 +288,20 @@ def test_train_recipes_load_and_fit_the_tokenizer():
     paths = sorted((Path(__file__).parent.parent / "configs" / "train").glob("*.yaml"))
     assert {p.name for p in paths} >= {"tiny_pretrain.yaml", "tiny_sft.yaml", "tiny_grpo.yaml"}
     tiny_v3 = config.load(ModelConfig, Path(__file__).parent.parent / "configs" / "model" / "tiny_v3.yaml")
+    pods = {"deepseek_v3_671b_v5p.yaml": 256, "deepseek_v3_671b_grpo_v5p.yaml": 256, "deepseek_v2_lite_v5e.yaml": 16}
     for path in paths:
         cfg = config.load_stage(path)
         assert cfg.stage == config.read_yaml(path)["stage"], path
+        if path.name in pods:
+            shape = cfg.mesh.shape(pods[path.name])
+            if cfg.stage == "grpo":
+                from r1jax.rl.grpo_loop import check_mesh
+                check_mesh(cfg, cfg.model, shape)
+            else:
+                check_train(cfg, cfg.model, shape)
+            continue
         assert cfg.model == tiny_v3, path
         _check_vocab(load_tokenizer((cfg.prompts if cfg.stage == "grpo" else cfg.data).tokenizer), cfg.model)
         if cfg.stage != "grpo":
             check_train(cfg, cfg.model, cfg.mesh.shape(1))
+    assert set(pods) <= {p.name for p in paths}
