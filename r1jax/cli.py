@@ -14,7 +14,7 @@ import sys
 import threading
 import traceback
 
-from r1jax.errors import R1JaxError, describe
+from r1jax.errors import R1JaxError, chain, describe
 
 DEBUG_ENV = "R1JAX_DEBUG"
 _STORAGE_PACKAGES = ("orbax", "tensorstore")  # failures raised in them are the storage's, not ours
@@ -147,25 +147,17 @@ def _debug() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def _chain(e: BaseException | None):
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
 def _raised_in(e: BaseException | None, packages) -> bool:
     """Whether `e`, or an error it was raised from or while handling, is of or was raised in `packages`."""
     return any(type(x).__module__.split(".")[0] in packages
                or any(f"{os.sep}{p}{os.sep}" in f.f_code.co_filename
-                      for f, _ in traceback.walk_tb(x.__traceback__) for p in packages) for x in _chain(e))
+                      for f, _ in traceback.walk_tb(x.__traceback__) for p in packages) for x in chain(e))
 
 
 def _from_storage(e: BaseException) -> bool:
     """An OSError, or an error raised inside orbax or tensorstore (tensorstore's are plain ValueErrors
     raised from orbax's frames), anywhere in the chain of `e`."""
-    return any(isinstance(x, OSError) for x in _chain(e)) or _raised_in(e, _STORAGE_PACKAGES)
+    return any(isinstance(x, OSError) for x in chain(e)) or _raised_in(e, _STORAGE_PACKAGES)
 
 
 class _NoTracebacks(logging.Filter):

@@ -23,6 +23,15 @@ class DamagedCheckpointError(CheckpointError):
     """A checkpoint's files are missing, truncated or corrupt. Names the step or params directory and the cause."""
 
 
+def chain(exc: BaseException | None):
+    """`exc`, then the error it was raised from or while handling, and so on (each once)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def describe(exc: BaseException) -> str:
     """One line for a failure of the OS, tensorstore or orbax: the file it names and the cause.
 
@@ -30,19 +39,15 @@ def describe(exc: BaseException) -> str:
     is preferred, since it names the file; otherwise the innermost explicit cause (orbax re-raises
     tensorstore's errors as bare Exceptions that name no file), without tensorstore's source locations
     and the spec dumps orbax appends."""
-    chain, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    named = [e for e in chain if isinstance(e, OSError) and e.filename is not None]
-    if named or isinstance(chain[0], OSError):
-        e = (named or chain)[0]
+    errors = list(chain(exc))
+    named = [e for e in errors if isinstance(e, OSError) and e.filename is not None]
+    if named or isinstance(errors[0], OSError):
+        e = (named or errors)[0]
         code = errno.errorcode.get(e.errno or 0)
         cause = f"{e.strerror or e}" + (f" ({code})" if code else "")
         return f"{e.filename}: {cause}" if e.filename is not None else cause
-    root = chain[0]
-    while root.__cause__ is not None and root.__cause__ in chain:  # orbax wraps tensorstore's message
+    root = errors[0]
+    while root.__cause__ is not None and root.__cause__ in errors:  # orbax wraps tensorstore's message
         root = root.__cause__
     text = str(root) or type(root).__name__
     for cut in (" [source locations=", " [tensorstore_spec=", "See full TensorStore details", "\n"):

@@ -521,8 +521,7 @@ def _sample_shape(cfg: TrainConfig, sample_batch, sample_len, sample_new) -> tup
     return (sample_batch if sample_batch is not None else cfg.data.batch_size), total - new, new
 
 
-def _check_sample_flags(flags: dict, topology, sampler: bool) -> None:
-    given = [k for k, v in flags.items() if v is not None]
+def _check_sample_flags(given: list[str], topology, sampler: bool) -> None:
     if given and topology is None:
         raise ConfigError(f"{given[0]}: the sampler is compiled for a TPU slice; only with --topology")
     if given and not sampler:
@@ -541,7 +540,8 @@ def plan_command(config_path, overrides=(), mesh_spec: str | None = None, *, dev
     if hardware is not None and hardware not in HARDWARE:
         raise ConfigError(f"--hardware: unknown {hardware!r}; valid: {', '.join(HARDWARE)}")
     flags = {"--sample-batch": sample_batch, "--sample-len": sample_len, "--sample-new": sample_new}
-    _check_sample_flags(flags, topology, sampler)
+    given = [k for k, v in flags.items() if v is not None]
+    _check_sample_flags(given, topology, sampler)
     topo = None
     if topology is not None:  # every check that needs no compiler, before the config is even read
         if hardware is not None:
@@ -557,7 +557,6 @@ def plan_command(config_path, overrides=(), mesh_spec: str | None = None, *, dev
     elif slices != 1:
         raise ConfigError("--slices: only with --topology")
     if config_lib.read_yaml(config_path).get("stage") == "grpo":
-        given = [k for k, v in flags.items() if v is not None]
         if given:
             raise ConfigError(f"{given[0]}: a GRPO stage samples its rollout, prompts.batch_size x num_generations "
                               f"rows of prompts.seq_len + max_new_tokens tokens; set those keys instead")

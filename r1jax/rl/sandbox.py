@@ -330,16 +330,6 @@ def require_isolation(allow_weak_isolation: bool = False, limits: SandboxLimits 
 # ---- the weak fallback
 
 
-def network_isolation_available() -> bool:
-    """Probe once in a throwaway child process."""
-    try:
-        p = subprocess.run(["/bin/true"], preexec_fn=lambda: os._exit(0 if sandbox_weak.new_network_namespace() else 3),
-                           timeout=10)
-        return p.returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
-
-
 def _run_weak(argv: list[str], stdin: str, files: dict[str, str], limits: SandboxLimits) -> SandboxResult:
     workdir = tempfile.mkdtemp(prefix="r1jax-sandbox-")
     marker = f"R1JAX_SANDBOX={uuid.uuid4().hex}"

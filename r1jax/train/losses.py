@@ -66,16 +66,17 @@ def lm_loss(params: dict, batch: dict, cfg: ModelConfig, *, mtp_weight: float, b
     with_mtp = mtp_weight > 0 and cfg.num_nextn_predict_layers > 0
     out = model.apply(params, batch["inputs"], cfg, batch["positions"], batch["segment_ids"],
                       with_mtp=with_mtp, logits=not loss_chunk)
+    mtp_sums = None
     if loss_chunk:
         ce_sum, n = head_cross_entropy(model.lm_head_weight(params), params["final_norm"], out["hidden"],
                                        batch["targets"], batch["loss_mask"], cfg, loss_chunk)
         if "mtp_hidden" in out:
-            out["mtp_sums"] = _mtp_chunked(params, out, batch, cfg, loss_chunk)
+            mtp_sums = _mtp_chunked(params, out, batch, cfg, loss_chunk)
     else:
         ce_sum, n = cross_entropy(out["logits"], batch["targets"], batch["loss_mask"])
     ce = ce_sum / jnp.maximum(n if ce_denominator is None else ce_denominator, 1.0)
     extra, parts = auxiliary_losses(out, batch, cfg, mtp_weight=mtp_weight, balance_alpha=balance_alpha,
-                                    other_scale=other_scale)
+                                    other_scale=other_scale, mtp_sums=mtp_sums)
     total = ce + extra
     aux = {"ce": ce, "tokens": n, **parts, "loss": total}
     return total, aux
@@ -91,18 +92,18 @@ def _mtp_chunked(params: dict, out: dict, batch: dict, cfg: ModelConfig, chunk: 
 
 
 def auxiliary_losses(out: dict, batch: dict, cfg: ModelConfig, *, mtp_weight: float, balance_alpha: float,
-                     other_scale: float = 1.0):
+                     other_scale: float = 1.0, mtp_sums=None):
     """The terms besides the main head's, from `model.apply`'s outputs: the MTP CE (when out holds MTP
-    logits, or their chunked sums "mtp_sums") and the balance loss (MoE models). -> (other_scale · their weighted sum, aux parts)."""
+    logits, or from `mtp_sums`, the per-depth (CE sums, token counts) of chunked heads) and the balance
+    loss (MoE models). -> (other_scale · their weighted sum, aux parts)."""
     total = 0.0
     aux = {}
     moe_stats = [s for s in (out["moe"], out.get("mtp_moe")) if s is not None]
-    if "mtp_logits" in out or "mtp_sums" in out:
-        if "mtp_sums" in out:  # chunked heads (lm_loss's loss_chunk): summed per depth already
-            s, c = out["mtp_sums"]
-        else:
-            s, c = jax.vmap(cross_entropy)(out["mtp_logits"], out["mtp_targets"],
-                                           _mtp_loss_mask(out, batch["loss_mask"]))
+    if "mtp_logits" in out and mtp_sums is None:
+        mask = _mtp_loss_mask(out, batch["loss_mask"])
+        mtp_sums = jax.vmap(cross_entropy)(out["mtp_logits"], out["mtp_targets"], mask)
+    if mtp_sums is not None:
+        s, c = mtp_sums
         per_depth = s / jnp.maximum(c, 1.0)
         mtp = jnp.mean(per_depth)
         total = total + other_scale * mtp_weight * mtp
