@@ -25,7 +25,7 @@ def _keep(prompt: str, completion: str, answer, n_tokens: int, finished: bool, c
         return "truncated"
     if n_tokens < cfg.min_tokens:
         return "too_short"
-    if answer is None or rewards.accuracy([prompt], [completion], answers=[answer])[0] != 1.0:
+    if answer is None or rewards.accuracy([prompt], [completion], answer=[answer])[0] != 1.0:
         return "incorrect"
     if cfg.require_format and rewards.format_reward([prompt], [completion])[0] != 1.0:
         return "format"
