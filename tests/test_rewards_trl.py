@@ -183,3 +183,65 @@ def test_standard_prompts_give_string_completions_and_bad_columns_are_named(tmp_
         rewards.column_keywords([{"truncated": 1}])
     with pytest.raises(rewards.RewardError, match="`tests` must be a list"):
         rewards.code(["p"], ["```python\nprint(1)\n```"], tests=[7], allow_weak_isolation=True)
+
+
+def level_reward(completions, level, **kwargs):
+    """Written for TRL: reads the `level` column; cannot score (None) the even levels."""
+    return [None if lv % 2 == 0 else min(len(c[0]["content"]), 20) / 20 for c, lv in zip(completions, level)]
+
+
+def _user_jsonl(path):
+    """GSM8K-like rows a user brings: a conversational prompt in `question`, the gold in `solution`."""
+    rows = [{"question": [{"role": "system", "content": "Answer briefly."},
+                          {"role": "user", "content": f"What is {a}+{b}?"}],
+             "solution": str(a + b), "level": i % 3} for i, (a, b) in enumerate([(1, 2), (3, 4), (5, 6), (2, 2),
+                                                                                  (7, 1), (4, 4), (9, 0), (3, 3)])]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+CLI = ["configs/train/tiny_grpo.yaml", "steps=3", "eval_prompts=null", "progress=false", "samples_every=1",
+       "num_generations=4", "max_new_tokens=8", "prompts.batch_size=2", "prompts.seq_len=48",
+       "checkpoint.async_save=false", "prompts.prompt_field=question", "prompts.answer_field=solution",
+       "rewards=[{name: 'trl.rewards:accuracy_reward'}, {name: 'tests.test_rewards_trl:level_reward', weight: 0.5}]"]
+
+
+@pytest.mark.slow  # 35 s of CPU, 80 s on a loaded 2-core machine
+def test_grpo_cli_on_a_users_jsonl_with_rewards_written_for_trl(tmp_path):
+    """The must-show of issue 16: `r1jax train` GRPO from a jsonl of question/solution rows with a
+    conversational prompt, rewarded by TRL's own accuracy_reward (reads `solution`) and a TRL-style
+    function returning None on some rows, trains 3 steps."""
+    from r1jax import cli
+    from r1jax.train.metrics import read_metrics
+
+    data = _user_jsonl(tmp_path / "user.jsonl")
+    out = tmp_path / "run"
+    assert cli.main(["train", *CLI, f"out_dir={out}", f"prompts.sources=[{data}]"]) == 0
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert np.isfinite(r["loss"]) and {"reward/accuracy_reward", "reward/level_reward"} <= set(r)
+    samples = [json.loads(line) for line in (out / "samples" / "step_000003.jsonl").read_text().splitlines()]
+    assert len(samples) == 8
+    for s in samples:
+        acc, lvl = s["rewards"]["accuracy_reward"], s["rewards"]["level_reward"]
+        assert acc in (0.0, 1.0)  # every gold answer parses
+        # a None from one function leaves the row scored by the other (TRL's nansum)
+        assert s["reward"] == pytest.approx(acc + (0.0 if lvl is None else 0.5 * lvl))
+    assert any(s["rewards"]["level_reward"] is None for s in samples)
+
+
+def test_a_question_column_fails_before_compiling_naming_the_key(tmp_path, capsys):
+    """Today's first-run failure: a GSM8K-style `question` column and the default prompt_field. The
+    error comes before any model compiles and names the file, the row, the column and the key."""
+    import time
+
+    from r1jax import cli
+
+    data = _user_jsonl(tmp_path / "user.jsonl")
+    args = [a for a in CLI if not a.startswith("prompts.prompt_field")]
+    t0 = time.perf_counter()
+    assert cli.main(["train", *args, f"out_dir={tmp_path / 'run'}", f"prompts.sources=[{data}]"]) == 2
+    assert time.perf_counter() - t0 < 20
+    err = capsys.readouterr().err
+    assert f"{data}:1: missing column 'prompt' (columns: level, question, solution); set prompts.prompt_field" in err
