@@ -18,7 +18,7 @@ import random
 import zlib
 
 SPLITS = ("train", "eval")
-NUM_TRAIN, NUM_EVAL = 2000, 40
+NUM_TRAIN = 2000  # rows of task:code:train (programs repeat with new test cases); eval: each held-out program once
 _HELDOUT_BUCKETS = 10  # one bucket in ten is held out
 _CASES = 3
 
@@ -71,7 +71,7 @@ _PROGRAMS = {s: [(kind, k) for kind in KINDS for k in K_VALUES if _split_of(kind
 
 
 def num_rows(split: str) -> int:
-    return NUM_TRAIN if split == "train" else NUM_EVAL
+    return NUM_TRAIN if split == "train" else len(_PROGRAMS["eval"])
 
 
 def record(split: str, i: int) -> dict:
@@ -83,8 +83,7 @@ def record(split: str, i: int) -> dict:
     kind, k = programs[i % len(programs)]
     rng = random.Random(zlib.crc32(f"{split}:{i}".encode()))
     tests = [dict(zip(("input", "output"), kind.case(rng, k))) for _ in range(_CASES)]
-    prompt = (kind.statement.format(k=k) + " Read from standard input and write to standard output; "
-              "put the program in a ```python block.")
+    prompt = kind.statement.format(k=k) + " Use stdin and stdout; answer with a ```python block."
     solution = kind.program.format(k=k)
     completion = f"<think>\nA one-line program does it.\n</think>\n\n```python\n{solution}\n```"
     return {"id": f"code:{split}:{i}", "prompt": prompt, "answer": "", "tests": tests, "solution": solution,
