@@ -90,3 +90,13 @@ def test_reward_set_weights_skips_and_names_failures():
 
 def exploding_reward(prompts, completions, **_):
     return [1 / 0 for _ in completions]
+
+
+def test_rejection_sampling_judges_the_format_after_r1s_generation_prompt():
+    """The generation prompt opens `<think>`; rejection's filter passes the rendered prompt along."""
+    from r1jax.config import RejectionConfig
+    from r1jax.rl.rejection import _keep
+
+    cfg = RejectionConfig(require_format=True, min_tokens=1)
+    assert _keep(PROMPT, GOOD, "14", 20, True, cfg) is None
+    assert _keep(PROMPT, "<think>\n" + GOOD, "14", 20, True, cfg) == "format"  # a second <think>
