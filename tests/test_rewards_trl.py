@@ -245,3 +245,51 @@ def test_a_question_column_fails_before_compiling_naming_the_key(tmp_path, capsy
     assert time.perf_counter() - t0 < 20
     err = capsys.readouterr().err
     assert f"{data}:1: missing column 'prompt' (columns: level, question, solution); set prompts.prompt_field" in err
+
+
+SCRIPT = """
+import json, sys
+import jax
+import numpy as np
+from r1jax.config import RewardSpec
+from r1jax.parallel.mesh import initialize_distributed
+from r1jax.rl import rewards
+from r1jax.rl.grpo_loop import _allgather
+
+initialize_distributed()
+n = 9
+prompts, completions = [f"p{i}" for i in range(n)], [f"c{i}" * (i % 4) for i in range(n)]
+fields = {"level": list(range(n)), "completion_ids": [[1]] * n}
+rs = rewards.RewardSet((RewardSpec("tests.test_rewards_trl:recording_reward"),
+                        RewardSpec("tests.test_rewards_trl:none_on_short_text", weight=3.0)))
+got = rewards.score_split(rs, prompts, completions, fields, {}, process_index=jax.process_index(),
+                          process_count=jax.process_count(), gather=_allgather)
+calls = sys.modules["tests.test_rewards_trl"].CALLS
+print("RESULT", json.dumps({"levels": [c["level"] for c in calls], "scores": np.nan_to_num(got, nan=-1).tolist()}))
+"""
+
+
+def test_two_real_processes_each_score_their_rows_and_gather_all(tmp_path):
+    """launch/local.sh: two JAX processes on loopback, the real all-gather (gloo)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([str(root / "launch/local.sh"), "-n", "2", "--cpu-devices", "1", "--", sys.executable, "-c",
+                           SCRIPT], capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = {}
+    for line in proc.stdout.splitlines():
+        if "RESULT" in line:
+            results[line.split("]")[0].strip("[ ")] = json.loads(line.split("RESULT", 1)[1])
+    assert set(results) == {"0", "1"}, proc.stdout[-3000:]
+    assert results["0"]["levels"] == [[0, 1, 2, 3]] and results["1"]["levels"] == [[4, 5, 6, 7, 8]]
+    n = 9
+    rs = rewards.RewardSet((RewardSpec(RECORDING), RewardSpec("tests.test_rewards_trl:none_on_short_text", weight=3.0)))
+    whole = rs.scores([f"p{i}" for i in range(n)], [f"c{i}" * (i % 4) for i in range(n)], level=list(range(n)),
+                      completion_ids=[[1]] * n)
+    for r in results.values():
+        np.testing.assert_array_equal(r["scores"], np.nan_to_num(whole, nan=-1))

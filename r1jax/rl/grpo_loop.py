@@ -69,7 +69,8 @@ class Rollout:
 
 
 def _allgather(x: np.ndarray) -> np.ndarray:
-    return multihost_utils.process_allgather(x)
+    """[count, *x.shape] from every process; float32 on the wire (the rewards TRL gathers are too)."""
+    return np.asarray(multihost_utils.process_allgather(x.astype(np.float32)), np.float64)
 
 
 def _sample_groups(params, model_cfg, cfg: GRPOConfig, batch, tok, reward_set, seed, mesh=None, step: int = 0):
