@@ -100,3 +100,15 @@ def test_rejection_sampling_judges_the_format_after_r1s_generation_prompt():
     cfg = RejectionConfig(require_format=True, min_tokens=1)
     assert _keep(PROMPT, GOOD, "14", 20, True, cfg) is None
     assert _keep(PROMPT, "<think>\n" + GOOD, "14", 20, True, cfg) == "format"  # a second <think>
+
+
+def test_grpo_config_names_reward_clashes_before_anything_runs():
+    from r1jax import config
+
+    base = ["prompts.answer_field=null"]
+    with pytest.raises(ConfigError, match=r"^prompts\.answer_field: is null, but the accuracy reward needs"):
+        config.load_stage("configs/train/tiny_grpo.yaml", base)
+    with pytest.raises(ConfigError, match=r"^rewards: two reward functions are named 'f' in the metrics"):
+        config.load_stage("configs/train/tiny_grpo.yaml", ["rewards=[{name: 'a.b:f'}, {name: 'c:f'}]"])
+    cfg = config.load_stage("configs/train/tiny_grpo.yaml", ["rewards=[{name: 'a.b:f'}, {name: 'c:f', label: g}]"])
+    assert [r.metric_name for r in cfg.rewards] == ["f", "g"]

@@ -309,6 +309,11 @@ class RewardSpec:
     label: str = ""  # metric name; default: the function name
     kwargs: FrozenDict = dataclasses.field(default_factory=FrozenDict)
 
+    @property
+    def metric_name(self) -> str:
+        """`label`, else the function's name (`pkg.mod:fn` -> `fn`), as TRL names its reward columns."""
+        return self.label or self.name.rpartition(":")[2]
+
 
 def _default_rewards():
     return (RewardSpec("accuracy", 1.0), RewardSpec("format", 0.5))
@@ -385,6 +390,12 @@ class GRPOConfig:
         need(self.eval_samples >= 1, "eval_samples", "must be >= 1")
         need(self.samples_every >= 0, "samples_every", "must be >= 0")
         need(len(self.rewards) >= 1, "rewards", "at least one reward function")
+        names = [r.metric_name for r in self.rewards]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        need(not twice, "rewards", f"two reward functions are named {twice[0]!r} in the metrics; give one a `label`"
+             if twice else "")
+        need(self.prompts.answer_field is not None or all(r.name != "accuracy" for r in self.rewards),
+             "prompts.answer_field", "is null, but the accuracy reward needs the gold answer; name its column")
         need(self.log_every >= 1, "log_every", "must be >= 1")
 
 

@@ -272,7 +272,7 @@ class RewardSet:
 
     @property
     def names(self) -> list[str]:
-        return [spec.label or spec.name.rpartition(":")[2] for spec in self.specs]  # TRL's: the function's name
+        return [spec.metric_name for spec in self.specs]
 
     def scores(self, prompts, completions, **fields) -> np.ndarray:
         """Each function on every row -> [N, F] float64, NaN where a function returned None."""
