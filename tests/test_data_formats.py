@@ -55,6 +55,10 @@ def test_every_format_gives_the_same_prompt_batch(tmp_path):
         for k in ("tokens", "prompt_mask", "answer", "prompt", "messages"):
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{fmt}: {k}")
         assert list(got["columns"]) == list(want["columns"]) and list(got["raw_prompt"]) == list(want["raw_prompt"])
+    # in grain worker processes too: the Arrow source maps its file again there, the columns are pickled
+    got = _prompts(paths["save_to_disk"], worker_count=1)
+    np.testing.assert_array_equal(got["tokens"], want["tokens"])
+    assert list(got["columns"]) == list(want["columns"])
     # the Arrow files of a save_to_disk directory, named one by one or by a glob, are a source too
     got = _prompts(f"{paths['save_to_disk']}/*.arrow")
     np.testing.assert_array_equal(got["tokens"], want["tokens"])
