@@ -25,11 +25,11 @@ def _keep(prompt: str, completion: str, answer, n_tokens: int, finished: bool, c
         return "truncated"
     if n_tokens < cfg.min_tokens:
         return "too_short"
-    if answer is None or rewards.accuracy([prompt], [completion], answers=[answer])[0] != 1.0:
+    if answer is None or rewards.accuracy([prompt], [completion], answer=[answer])[0] != 1.0:
         return "incorrect"
-    if cfg.require_format and rewards.format_reward([prompt], [completion])[0] != 1.0:
+    if cfg.require_format and rewards.format_reward([prompt], [completion], prompt_texts=[prompt])[0] != 1.0:
         return "format"
-    share = rewards.language_consistency([prompt], [completion], language=cfg.language)[0]
+    share = rewards.language_consistency([prompt], [completion], prompt_texts=[prompt], language=cfg.language)[0]
     if share < cfg.min_language_share:
         return "language"
     return None
