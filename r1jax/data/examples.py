@@ -4,9 +4,9 @@ A training example is next-token prediction over one document, already shifted:
 `inputs = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]` (the loss counts where the *target*
 is a token to learn). Shifting before packing keeps every target inside its own document.
 
-- pretrain: `[bos] + text + [eos]`, loss on every target.
-- sft: the R1 chat rendering (`messages`, or `prompt` + `completion` as in TRL), loss on the
-  assistant content and its closing eos only.
+- pretrain: `[bos] + text + [eos]` (no bos for tokenizers without one), loss on every target.
+- sft: `messages`, or `prompt` + `completion` as in TRL, rendered by the tokenizer's chat template
+  (R1's by default), loss on the assistant tokens only (data/chat_template.py).
 - prompts: the prompt rendered up to the generation prompt, left-padded to `seq_len`, with the gold
   answer (for RL rollouts and evaluation).
 
@@ -82,7 +82,7 @@ def pretrain_example(tok: Tokenizer, record: Mapping, text_field: str = "text") 
     body = tok.encode(_text(record, text_field))
     if not body:
         raise DataError(f"field {text_field!r} is empty after tokenization")
-    ids = [tok.bos_id, *body, tok.eos_id]
+    ids = ([] if tok.bos_id is None else [tok.bos_id]) + body + [tok.eos_id]
     return shift(ids, [1] * len(ids))
 
 
@@ -100,7 +100,7 @@ def sft_example(tok: Tokenizer, record: Mapping) -> dict[str, np.ndarray]:
     turns = sum(1 for m in messages if m["role"] == "assistant")
     if turns == 0:
         raise DataError("no assistant turn: nothing to learn from this row")
-    if sum(mask) == turns:  # only the closing eos tokens are left to learn
+    if not any(m["content"] for m in messages if m["role"] == "assistant"):
         raise DataError("the assistant content is empty after tokenization")
     return shift(ids, mask)
 
