@@ -63,7 +63,6 @@ def _sft_config(tmp_path, init_from, name):
     return path
 
 
-@pytest.mark.slow  # three subprocesses importing jax, two compiles
 def test_qwen2_sft_with_its_chatml_template_exports_to_transformers(tmp_path):
     from r1jax import api
     from r1jax.data.examples import RowFormatter
@@ -117,6 +116,21 @@ def test_qwen2_sft_with_its_chatml_template_exports_to_transformers(tmp_path):
     got = np.asarray(forward_jit(params, ids, cfg), np.float32)
     assert np.max(np.abs(got - want)) < 1e-4 * np.max(np.abs(want)) + 1e-5
     assert np.max(np.abs(want - old)) > 1e-2
+
+    # `r1jax sample` on the checkpoint renders chat rows with the template's generation prompt and
+    # stops where transformers' greedy generate stops (the export's eos list).
+    prompts = tmp_path / "prompts.jsonl"
+    chats = [ROWS[0]["messages"][:1], ROWS[1]["messages"][:4]]
+    prompts.write_text("".join(json.dumps({"messages": m}) + "\n" for m in chats))
+    out = _cli("sample", "--ckpt", run / "checkpoints", "--prompts", prompts, "--out", tmp_path / "s.jsonl",
+               "--max-new-tokens", 12, "--temperature", 0)
+    assert out.returncode == 0, out.stdout + out.stderr
+    samples = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    for chat, s in zip(chats, samples):
+        ids = hf_tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            full = model.generate(**ids, max_new_tokens=12, do_sample=False)
+        assert s["completion_ids"] == full[0, ids["input_ids"].shape[1]:].tolist()
 
 
 def test_tokenizer_larger_than_the_model_is_an_error_before_compiling(tmp_path):

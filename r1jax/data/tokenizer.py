@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -91,6 +92,8 @@ class Tokenizer:
                  config: Mapping | None = None):
         self.hf = hf
         self.name = name
+        # One more than the largest id the tokenizer can produce: the embedding rows a model needs.
+        self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
         self.bos_token, self.eos_token = bos, eos
         self.bos_id = None if bos is None else self._require(bos, "bos")
         self.eos_id = self._require(eos, "eos")
@@ -114,11 +117,6 @@ class Tokenizer:
         if i is None:
             raise DataError(f"{self.name}: no {what} token {token!r} in the vocabulary")
         return i
-
-    @property
-    def vocab_size(self) -> int:
-        """One more than the largest id the tokenizer can produce (the embedding rows it needs)."""
-        return max(self.hf.get_vocab(with_added_tokens=True).values()) + 1
 
     @property
     def extra_stop_ids(self) -> tuple[int, ...]:
@@ -218,6 +216,9 @@ def load_tokenizer(spec: str | os.PathLike = "builtin", init_from=None) -> Token
     (model_tokenizer_dir) when it has one, else the built-in one."""
     if str(spec) == AUTO:
         found = model_tokenizer_dir(init_from)
+        if found is None and init_from is not None:  # said, since a real model's ids would be garbage
+            print(f"r1jax: {init_from} has no tokenizer.json; using the built-in tokenizer (set data.tokenizer "
+                  f"to choose one)", file=sys.stderr)
         spec = "builtin" if found is None else found
     if str(spec) == "builtin":
         return builtin_tokenizer()
