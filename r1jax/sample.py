@@ -50,14 +50,39 @@ def _read_prompts(path, tokenizer) -> list[tuple[dict, list[int], int]]:
     return rows
 
 
+class _BareTokenizer:
+    """A tokenizer.json without tokenizer_config.json: no special tokens or template to go by, so text
+    prompts only and no stop ids beyond the config's."""
+
+    stop_ids = ()
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.hf = Tokenizer.from_file(str(path))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _model_tokenizer(model_dir):
+    d = model_tokenizer_dir(model_dir)
+    if d is None:
+        return None
+    return load_tokenizer(d) if (d / "tokenizer_config.json").is_file() else _BareTokenizer(d / "tokenizer.json")
+
+
 def _prompt_ids(tokenizer, row: dict, where: str) -> list[int]:
-    """A text `prompt` is encoded as it is; chat messages (`messages`, or a list as `prompt`) are
-    rendered by the model's chat template up to its generation prompt."""
+    """A text `prompt` is encoded as it is (with what tokenizer.json's post-processor adds, e.g. bos);
+    chat messages (`messages`, or a list as `prompt`) are rendered by the model's chat template up to
+    its generation prompt."""
     from r1jax.data.tokenizer import encode_prompt
 
     value = row.get("messages", row.get("prompt"))
     if isinstance(value, str):
-        return tokenizer.encode(value)
+        return tokenizer.hf.encode(value).ids
+    if isinstance(tokenizer, _BareTokenizer):
+        raise DataError(f"{where}: chat messages need the model's tokenizer_config.json (its chat template)")
     try:
         return encode_prompt(tokenizer, value)
     except DataError as e:
@@ -92,9 +117,7 @@ def sample_file(model_dir, prompts_jsonl, out_jsonl, *, max_new_tokens: int, tem
         raise ConfigError(f"num_samples: must be an int >= 1, got {num_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size: must be an int >= 1, got {batch_size!r}")
-    tokenizer = None
-    if model_tokenizer_dir(model_dir) is not None:
-        tokenizer = load_tokenizer(model_tokenizer_dir(model_dir))
+    tokenizer = _model_tokenizer(model_dir)
     rows = _read_prompts(prompts_jsonl, tokenizer)
     cfg, params = load_pretrained(model_dir)
     cache = resolve_cache(cfg, cache)

@@ -197,3 +197,13 @@ def test_auto_takes_the_models_tokenizer(tmp_path):
     load_tokenizer(d).save(run)
     for spec in (tmp_path / "run", run, run / "100"):  # a run, its checkpoints, one step in them
         assert load_tokenizer("auto", spec).template.source == CHATML
+
+
+def test_rl_prompts_end_in_the_templates_generation_prompt(dirs):
+    tok = load_tokenizer(dirs["chatml"])
+    hf = transformers.AutoTokenizer.from_pretrained(str(dirs["chatml"]))
+    ex = examples.prompt_example(tok, {"prompt": SYSTEM[:2], "answer": "5"}, seq_len=64)
+    want = hf.apply_chat_template(SYSTEM[:2], add_generation_prompt=True, return_dict=False)
+    assert ex["tokens"][-len(want):].tolist() == want and ex["prompt_mask"].sum() == len(want)
+    assert set(ex["tokens"][:-len(want)].tolist()) == {tok.token_id("<|endoftext|>")}  # left-padded with pad
+    assert str(ex["prompt"]).endswith("<|im_start|>assistant\n")
