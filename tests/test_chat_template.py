@@ -99,6 +99,8 @@ ENVIRONMENT = (
     "{{ m | tojson }}|{{ m | tojson(indent=2, sort_keys=true) }}|{{ dict(a=m.role) | tojson(ensure_ascii=true) }}\n"
     "{% endfor %}"
     "{{ ns.n }} {{ bos_token }}{{ eos_token }}{{ strftime_now('%Y') }}"
+    "{% for m in messages if m.reasoning_content %}<think>{{ m.reasoning_content }}|{{ m.thinking }}</think>"
+    "{% endfor %}{{ messages[-2] | tojson }}"
 )
 
 
@@ -106,10 +108,12 @@ def test_jinja_environment_renders_as_transformers(tmp_path):
     d = write_chatml_tokenizer(tmp_path, ENVIRONMENT)
     tok = load_tokenizer(d)
     hf = transformers.AutoTokenizer.from_pretrained(str(d))
-    messages = MULTI + [{"role": "user", "content": "<b>&'\"中文"}]
+    messages = MULTI + [{"role": "user", "content": "<b>&'\"中文", "name": None},
+                        {"role": "assistant", "content": "ok", "reasoning": "because"}]
     text = tok.template.render(messages).text
     assert text == hf.apply_chat_template(messages, tokenize=False)
     assert '"content": "Be brief."' in text and "\\u" not in text.split("|")[0]  # no HTML or ASCII escaping
+    assert "<think>because|because</think>" in text and '"中文"}' in text and '"name"' not in text
     bad = [{"role": "tool", "content": "x"}]
     with pytest.raises(DataError, match="chat_template: bad role tool"):
         tok.template.render(bad)

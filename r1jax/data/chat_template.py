@@ -34,6 +34,10 @@ from r1jax.errors import DataError
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
+# Names a message's reasoning may come under; transformers fills `reasoning_content` (and `thinking`,
+# for templates that read that) from the first one set.
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
 # The spans of the render in progress in this thread (grain formats rows in several threads).
 _TRACKING: ContextVar = ContextVar("r1jax_generation_spans", default=None)
 
@@ -120,8 +124,8 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[Mapping], *, add_generation_prompt: bool = False, **variables) -> Rendered:
         """Messages -> text and generation spans, as `apply_chat_template(tokenize=False)` renders them
-        (keys whose value is None are dropped first, as transformers does)."""
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        (keys whose value is None dropped and the reasoning fields aliased first, as transformers does)."""
+        messages = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in messages]
         blocks, spans = [], []
         token = _TRACKING.set((blocks, spans))
         try:
@@ -134,6 +138,11 @@ class ChatTemplate:
         finally:
             _TRACKING.reset(token)
         return Rendered("".join(blocks), tuple(spans))
+
+
+def _alias_reasoning(message: dict) -> dict:
+    reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
 
 
 def content_spans(template: ChatTemplate, messages: Sequence[Mapping], text: str, **variables) -> list[tuple[int, int]]:
