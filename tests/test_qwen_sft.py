@@ -90,6 +90,8 @@ def test_qwen2_sft_with_its_chatml_template_exports_to_transformers(tmp_path):
     fmt = RowFormatter("sft", tok, seq_len=64)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(export))
     assert hf_tok.chat_template == CHATML and hf_tok.bos_token is None and hf_tok.eos_token == "<|im_end|>"
+    original = transformers.AutoTokenizer.from_pretrained(str(hf_dir))
+    assert (type(hf_tok), hf_tok.special_tokens_map) == (type(original), original.special_tokens_map)
     rendered = []
     for i, row in enumerate(ROWS):
         ex = fmt(Row(f"sft.jsonl:{i + 1}", json.dumps(row).encode()))

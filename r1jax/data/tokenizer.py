@@ -240,7 +240,7 @@ def load_tokenizer(spec: str | os.PathLike = "builtin", init_from=None) -> Token
     return Tokenizer(hf, bos=named["bos_token"], eos=named["eos_token"], pad=named["pad_token"], name=str(file),
                      chat_template=_chat_template(file.parent, config), special_tokens=named,
                      extra_stop_ids=_generation_eos_ids(file.parent),
-                     config={k: v for k, v in config.items() if k not in ("chat_template", *SPECIAL_TOKEN_NAMES)})
+                     config={k: v for k, v in config.items() if k != "chat_template"})
 
 
 def _read_json(path: Path) -> dict:
