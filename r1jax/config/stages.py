@@ -88,7 +88,9 @@ class DataConfig:
     weights: Optional[tuple[float, ...]] = None
     # How to read files: by extension (.jsonl/.json, .parquet, .arrow, .array_record) or this format for all.
     format: Literal["auto", "jsonl", "parquet", "arrow", "arrayrecord"] = "auto"
-    tokenizer: str = "builtin"  # "builtin", a tokenizer.json, or a directory holding one
+    # "auto": the init_from model's own tokenizer and chat template when it has them, else "builtin";
+    # or a tokenizer.json, or a directory holding one (docs/chat_templates.md).
+    tokenizer: str = "auto"
     seq_len: int = 256
     batch_size: int = 8
     packing: Packing = "first_fit"

@@ -4,9 +4,10 @@ A training example is next-token prediction over one document, already shifted:
 `inputs = ids[:-1]`, `targets = ids[1:]`, `loss_mask = mask[1:]` (the loss counts where the *target*
 is a token to learn). Shifting before packing keeps every target inside its own document.
 
-- pretrain: `[bos] + text + [eos]`, loss on every target.
-- sft: the chat rendering (`messages`, or `prompt` + `completion` as in TRL, standard or
-  conversational), loss on the assistant content and its closing eos only.
+- pretrain: `[bos] + text + [eos]` (no bos for tokenizers without one), loss on every target.
+- sft: `messages`, or `prompt` + `completion` as in TRL (standard or conversational), rendered by
+  the tokenizer's chat template (R1's by default), loss on the assistant tokens only
+  (data/chat_template.py).
 - prompts: the prompt rendered up to the generation prompt, left-padded to `seq_len`, with the gold
   answer (for RL rollouts and evaluation), the prompt as given and the row's other columns (the
   reward functions' keyword arguments, as TRL's GRPOTrainer passes them).
@@ -112,7 +113,7 @@ def pretrain_example(tok: Tokenizer, record: Mapping, fields: Fields = Fields())
     body = tok.encode(_text(record, fields.text, fields.key("text_field")))
     if not body:
         raise DataError(f"column {fields.text!r} is empty after tokenization")
-    ids = [tok.bos_id, *body, tok.eos_id]
+    ids = ([] if tok.bos_id is None else [tok.bos_id]) + body + [tok.eos_id]
     return shift(ids, [1] * len(ids))
 
 
@@ -141,7 +142,7 @@ def sft_example(tok: Tokenizer, record: Mapping, fields: Fields = Fields()) -> d
     turns = sum(1 for m in messages if m["role"] == "assistant")
     if turns == 0:
         raise DataError("no assistant turn: nothing to learn from this row")
-    if sum(mask) == turns:  # only the closing eos tokens are left to learn
+    if not any(m["content"] for m in messages if m["role"] == "assistant"):
         raise DataError("the assistant content is empty after tokenization")
     return shift(ids, mask)
 

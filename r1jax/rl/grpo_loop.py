@@ -81,7 +81,8 @@ def _sample_groups(params, model_cfg, cfg: GRPOConfig, batch, tok, reward_set, s
     rep = [r for r in rows for _ in range(G)]
     t0 = time.perf_counter()
     out = sampler.sample(params, model_cfg, rep, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, eos_id=tok.eos_id, mesh=mesh, rules=cfg.mesh,
+                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, eos_id=tok.eos_id,
+                         stop_ids=tok.extra_stop_ids or None, mesh=mesh, rules=cfg.mesh,
                          bucket=cfg.prompts.seq_len)
     t1 = time.perf_counter()
     texts = completion_texts(tok, out.tokens, out.lengths, out.finished)
@@ -290,8 +291,8 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
     training state's params where they lie, with the rows split over the batch axes."""
     mesh, model_cfg, params = mesh_and_model(cfg, devices)
     check_mesh(cfg, model_cfg, rules_lib.mesh_sizes(mesh))
-    tok = load_tokenizer(cfg.prompts.tokenizer)
-    check_vocab(tok, model_cfg)
+    tok = load_tokenizer(cfg.prompts.tokenizer, cfg.init_from)
+    check_vocab(tok, model_cfg, cfg.init_from)
     reward_set = rewards_lib.reward_set(cfg.rewards)
     # Every process reads the whole prompt batch: rollouts are identical everywhere (see `rollout`).
     prompt_it = make_prompt_iterator(cfg.prompts, tok, shard=grain.sharding.NoSharding())
@@ -305,7 +306,7 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
     batch_sh = batch_shardings(shapes, mesh, cfg.mesh)
     steps = make_steps(model_cfg, cfg, tx, state_sh, batch_sh, mesh)
 
-    with Run(cfg, model_cfg, prompt_it) as run, rules_lib.sharding_context(mesh, cfg.mesh):
+    with Run(cfg, model_cfg, prompt_it, tok) as run, rules_lib.sharding_context(mesh, cfg.mesh):
         state, step = run.start(params, lambda p: init_state(p, tx, cfg), abstract, state_sh)
         del params
         last = {}

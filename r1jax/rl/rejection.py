@@ -71,7 +71,8 @@ def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, 
             rep = [r for r in rows for _ in range(cfg.num_samples)]
             out = sampler.sample(params, model_cfg, rep, max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature, top_p=cfg.top_p,
-                                 seed=cfg.seed + stats["prompts"], eos_id=tok.eos_id)
+                                 seed=cfg.seed + stats["prompts"], eos_id=tok.eos_id,
+                                 stop_ids=tok.extra_stop_ids or None)
             texts = completion_texts(tok, out.tokens, out.lengths, out.finished)
             for p, row in enumerate(rows):
                 if cfg.max_prompts is not None and stats["prompts"] >= cfg.max_prompts:
