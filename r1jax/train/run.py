@@ -36,6 +36,7 @@ import yaml
 
 from r1jax import api
 from r1jax import config as config_lib
+from r1jax import paths
 from r1jax.checkpoint.manager import CheckpointManager, install_sigterm_handler
 from r1jax.config import ModelConfig
 from r1jax.errors import ConfigError, R1JaxError
@@ -114,7 +115,7 @@ class Run:
 
     def __init__(self, cfg, model_cfg: ModelConfig, data):
         self.cfg, self.model_cfg, self.data = cfg, model_cfg, data
-        self.dir = Path(cfg.out_dir)
+        self.dir = paths.as_path(cfg.out_dir)  # local, or gs:// (r1jax/paths.py)
         self.primary = jax.process_index() == 0
         self.status = "completed"  # a loop sets "data_exhausted" when its data runs out
         self.step = 0

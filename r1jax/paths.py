@@ -1,0 +1,148 @@
+"""Paths a user gives (run directories, checkpoints, data files, conversion sources and destinations,
+sample and eval outputs): a local path, or a `gs://bucket/...` URI.
+
+A local path stays a `pathlib.Path`, so local files keep what only a local file system offers (atomic
+renames, fsync, pread). A URI becomes an `etils.epath.Path`, which has the same methods (`/`, `name`,
+`parent`, `exists`, `read_text`, `write_text`, `open`, `glob`, `iterdir`, `mkdir`, `rmtree`) and reaches
+Google Cloud Storage through gcsfs; orbax and tensorstore take the same object and use their own GCS
+drivers. pathlib must never see a URI: it collapses `gs://b/x` into the local `gs:/b/x`.
+
+Object stores have no rename and no append: code that writes must ask `is_remote` and write whole
+objects there (docs/storage.md). The GCS client libraries read `STORAGE_EMULATOR_HOST` (gcsfs) and
+`TENSORSTORE_GCS_HTTP_URL` (tensorstore), which the tests point at a local emulator."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+_URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+SCHEMES = ("gs",)  # what r1jax has been tested on (tests/test_gcs.py, against an emulator)
+
+
+def is_remote(path) -> bool:
+    """Whether `path` is a URI (gs://...) rather than a local path."""
+    return bool(_URI.match(os.fspath(path) if not isinstance(path, str) else path))
+
+
+def as_path(path):
+    """pathlib.Path for a local path, etils.epath.Path for a gs:// URI. Another scheme is refused
+    by name (r1jax has not been tried on it)."""
+    if isinstance(path, Path):
+        return path
+    text = str(path)  # an epath.Path prints as its URI
+    if not is_remote(text):
+        return Path(text)
+    scheme = text.split("://", 1)[0].lower()
+    if scheme not in SCHEMES:
+        from r1jax.errors import ConfigError
+
+        raise ConfigError(f"{text}: the {scheme}:// scheme is not supported (local paths and "
+                          f"{', '.join(s + '://' for s in SCHEMES)} are)")
+    _no_listing_cache()
+    from etils import epath
+
+    return epath.Path(text)
+
+
+def _no_listing_cache() -> None:
+    """gcsfs keeps directory listings for the life of the process, but orbax writes through tensorstore,
+    behind gcsfs's back: a cached listing would miss a step saved since. fsspec's configuration holds
+    the default for every gs:// file system made from now on."""
+    import fsspec.config
+
+    fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
+
+
+def absolute(path):
+    """`path` made absolute (orbax refuses relative paths); a URI is already absolute."""
+    path = as_path(path)
+    return path if is_remote(path) else path.absolute()
+
+
+def rmtree(path) -> None:
+    """Remove a directory and everything under it, if it exists."""
+    path = as_path(path)
+    if is_remote(path):
+        if path.exists():
+            path.rmtree()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def upload_tree(src: Path, dst) -> None:
+    """Copy the local directory `src` to `dst` (a URI), file by file. `config.yaml` and `config.json` go
+    last: they are what makes a directory a checkpoint, so a reader that finds them finds the rest."""
+    dst = as_path(dst)
+    files = sorted((f for f in src.rglob("*") if f.is_file()), key=lambda f: f.name in ("config.yaml", "config.json"))
+    for f in files:
+        target = dst / f.relative_to(src).as_posix()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with f.open("rb") as r, target.open("wb") as w:
+            shutil.copyfileobj(r, w, 16 << 20)
+
+
+def download_tree(src, dst: Path, *, skip=lambda relative: False) -> Path:
+    """Copy everything under the URI `src` into the local directory `dst` (created); `skip(relative
+    path)` leaves a file or a whole subdirectory out."""
+    src = as_path(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in src.iterdir():
+        if skip(entry.name):
+            continue
+        if entry.is_dir():
+            download_tree(entry, dst / entry.name, skip=lambda rel, name=entry.name: skip(f"{name}/{rel}"))
+        else:
+            with entry.open("rb") as r, (dst / entry.name).open("wb") as w:
+                shutil.copyfileobj(r, w, 16 << 20)
+    return dst
+
+
+def copy_file(src, dst) -> None:
+    """Copy one file, either side local or remote."""
+    src, dst = as_path(src), as_path(dst)
+    if not (is_remote(src) or is_remote(dst)):
+        shutil.copy2(src, dst)
+        return
+    with src.open("rb") as r, dst.open("wb") as w:
+        shutil.copyfileobj(r, w, 16 << 20)
+
+
+@contextlib.contextmanager
+def local_source(path, prefix: str):
+    """A local path with the contents of `path`: itself when local, else a downloaded copy (removed on
+    leaving), for readers that need a local file system (pread of safetensors)."""
+    if not is_remote(path):
+        yield as_path(path)
+        return
+    with local_staging(prefix) as d:
+        yield download_tree(path, d / "source")
+
+
+@contextlib.contextmanager
+def local_destination(dst, prefix: str):
+    """A local path to write a directory into: `dst` itself when local, else a staging directory that
+    is uploaded to `dst` once the block succeeds (an existing `dst` is removed first: the caller has
+    checked that it may be replaced) and removed in any case."""
+    if not is_remote(dst):
+        yield as_path(dst)
+        return
+    with local_staging(prefix) as d:
+        yield d / "out"
+        rmtree(dst)
+        upload_tree(d / "out", dst)
+
+
+@contextlib.contextmanager
+def local_staging(prefix: str):
+    """A local temporary directory, removed on leaving: where a remote source is read into, or a
+    remote destination is written before it is uploaded."""
+    d = Path(tempfile.mkdtemp(prefix=f"r1jax-{prefix}-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
