@@ -68,3 +68,53 @@ def test_sft_writes_its_run_to_gs_and_resumes_from_it(gcs, tmp_path):
     assert r1jax("train", *SFT, "steps=4", f"out_dir={local}", cwd=REPO).returncode == 0
     local_rows = [json.loads(l) for l in (local / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows2] == [r["loss"] for r in local_rows]
+
+
+def _tensors(hf_dir: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_convert_both_ways_from_and_to_gs(gcs, tmp_path, capsys):
+    """HF (local) -> orbax on gs:// -> HF on gs:// -> orbax (local): every tensor comes back bit for bit,
+    the orbax checkpoint on gs:// loads with load_model, and an existing gs:// destination is refused
+    without --overwrite before any work."""
+    import numpy as np
+    from convert_fixtures import moe_config, write_random_hf
+
+    from r1jax.checkpoint.orbax_io import load_model
+    from r1jax.cli import main
+
+    cfg = moe_config()
+    src = tmp_path / "hf"
+    write_random_hf(src, cfg)
+    (src / "tokenizer.json").write_text("{}")  # an asset: travels with the weights both ways
+    orbax_uri, hf_uri = f"{gcs}/conv/orbax", f"{gcs}/conv/hf"
+    assert main(["convert", "hf-to-orbax", str(src), orbax_uri]) == 0
+    assert listing(orbax_uri) == ["config.yaml", "generation_config.json", "params", "tokenizer.json"]
+    loaded_cfg, params = load_model(orbax_uri)  # tensorstore reads gs:// itself
+    assert loaded_cfg.hidden_size == cfg.hidden_size
+    np.testing.assert_array_equal(np.asarray(params["embed"]), _tensors(src)["model.embed_tokens.weight"])
+
+    assert main(["convert", "orbax-to-hf", orbax_uri, hf_uri]) == 0
+    assert "model.safetensors" in listing(hf_uri) and "tokenizer.json" in listing(hf_uri)
+    back = paths.download_tree(hf_uri, tmp_path / "hf_back")
+    original = _tensors(src)
+    again = _tensors(back)
+    assert sorted(again) == sorted(original)
+    for name in original:
+        np.testing.assert_array_equal(again[name], original[name], err_msg=name)
+
+    local = tmp_path / "orbax_back"
+    assert main(["convert", "hf-to-orbax", hf_uri, str(local)]) == 0
+    _, params_back = load_model(local)
+    np.testing.assert_array_equal(np.asarray(params_back["embed"]), np.asarray(params["embed"]))
+
+    capsys.readouterr()
+    assert main(["convert", "orbax-to-hf", orbax_uri, hf_uri]) == 2  # exists: refused, untouched
+    assert f"{hf_uri}: already exists and is not empty" in capsys.readouterr().err
+    assert main(["convert", "orbax-to-hf", orbax_uri, hf_uri, "--overwrite"]) == 0
