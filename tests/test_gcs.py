@@ -118,3 +118,23 @@ def test_convert_both_ways_from_and_to_gs(gcs, tmp_path, capsys):
     assert main(["convert", "orbax-to-hf", orbax_uri, hf_uri]) == 2  # exists: refused, untouched
     assert f"{hf_uri}: already exists and is not empty" in capsys.readouterr().err
     assert main(["convert", "orbax-to-hf", orbax_uri, hf_uri, "--overwrite"]) == 0
+
+
+GRPO = ["configs/train/tiny_grpo.yaml", "eval_prompts=null", "samples_every=1", "progress=false", "max_new_tokens=8",
+        "prompts.batch_size=2", "num_generations=4", "checkpoint.save_interval_steps=1", "checkpoint.async_save=false"]
+
+
+@pytest.mark.slow
+def test_grpo_writes_its_run_to_gs_and_resumes_from_it(gcs):
+    run = f"{gcs}/grpo-run"
+    first = r1jax("train", *GRPO, "steps=1", f"out_dir={run}", cwd=REPO)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert listing(f"{run}/checkpoints") == ["1", "config.yaml"]
+    again = r1jax("train", *GRPO, "steps=2", f"out_dir={run}", cwd=REPO)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "completed at step 2" in again.stdout
+    assert listing(f"{run}/checkpoints") == ["1", "2", "config.yaml"]
+    assert listing(f"{run}/samples") == ["step_000001.jsonl", "step_000002.jsonl"]
+    rows = [json.loads(l) for l in paths.as_path(f"{run}/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert json.loads(paths.as_path(f"{run}/result.json").read_text())["step"] == 2
