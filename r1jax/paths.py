@@ -64,6 +64,19 @@ def absolute(path):
     return path if is_remote(path) else path.absolute()
 
 
+def check_destination(dst, overwrite: bool) -> None:
+    """An existing, non-empty directory `dst` is only ever replaced with overwrite (the commands'
+    `--overwrite`); checked before any work."""
+    from r1jax.errors import CheckpointError
+
+    dst = as_path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"{dst}: exists and is not a directory")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise CheckpointError(f"{dst}: already exists and is not empty (pass --overwrite to replace it; "
+                              f"overwrite=True in Python)")
+
+
 def rmtree(path) -> None:
     """Remove a directory and everything under it, if it exists."""
     path = as_path(path)

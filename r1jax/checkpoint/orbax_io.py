@@ -289,13 +289,6 @@ def _sync(what: str) -> None:
     ocp.multihost.sync_global_processes(f"r1jax_orbax_io_{what}_{next(_barrier_ids)}")
 
 
-def _check_destination(dst: Path, overwrite: bool) -> None:
-    if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"{dst}: exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dst}: already exists and is not empty (pass overwrite=True)")
-
-
 def _publish(tmp: Path, dst: Path) -> None:
     """Move the finished tmp directory into place; an old dst is only removed once the new one is there."""
     if dst.exists():
@@ -313,7 +306,7 @@ def save_model(path, config: ModelConfig, params, *, overwrite: bool = False) ->
     dst = paths.absolute(path)
     where = f"{dst}: params (config param_dtype={config.param_dtype})"
     check_tree(flat_leaves(param_shapes(config)), flat_leaves(params), where, check_dtype=True)
-    _check_destination(dst, overwrite)
+    paths.check_destination(dst, overwrite)
     if paths.is_remote(dst):
         return _save_remote(dst, config, params)
     # The name is the same on every process, so all of them write into the one directory.

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from r1jax import paths
 from r1jax.checkpoint import orbax_io
 from r1jax.config import DTYPES
-from r1jax.convert import atomic, fp8, hf, hf_io, orbax_stream
+from r1jax.convert import fp8, hf, hf_io, orbax_stream
 from r1jax.convert.atomic import AtomicDir
 from r1jax.convert.safetensors_io import ShardedWriter
 from r1jax.errors import CheckpointError, ConfigError
@@ -174,7 +174,7 @@ def hf_to_orbax(src, dst, *, dtype=None, overwrite: bool = False, progress: bool
 def _destination(dst, overwrite: bool, what: str):
     """The AtomicDir to write `dst` through: `dst` itself when local; on gs:// a local one uploaded when
     complete. The destination is checked before any work either way."""
-    atomic.check_destination(paths.as_path(dst), overwrite)
+    paths.check_destination(dst, overwrite)
     with paths.local_destination(dst, what) as local:
         yield AtomicDir(local, overwrite)
 
@@ -248,7 +248,7 @@ def orbax_to_hf(src, dst, *, max_shard_size="5GB", dtype=None, quantize=None, ov
     quantize='fp8' writes DeepSeek's FP8 release format (fp8.quantize: float8_e4m3fn projections with
     float32 `weight_scale_inv` per 128x128 block, the other weights in `dtype`, default bfloat16, and
     quantization_config in config.json)."""
-    atomic.check_destination(paths.as_path(dst), overwrite)
+    paths.check_destination(dst, overwrite)
     max_bytes, dtype = parse_size(max_shard_size), _dtype(dtype)
     src = orbax_io.checkpoint_root(src)  # a run directory: its checkpoints/
     cfg, ents, stores = _open_orbax(src)
