@@ -14,6 +14,8 @@ objects there (docs/storage.md). The GCS client libraries read `STORAGE_EMULATOR
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import os
 import re
 import shutil
@@ -123,6 +125,32 @@ def copy_file(src, dst) -> None:
         return
     with src.open("rb") as r, dst.open("wb") as w:
         shutil.copyfileobj(r, w, 16 << 20)
+
+
+def remote_files(spec: str) -> list[str]:
+    """The files a gs:// path or glob (`gs://b/data/*.jsonl`, `**` for any depth) names, sorted."""
+    parts = spec.split("/")
+    magic = [i for i, p in enumerate(parts) if glob.has_magic(p)]
+    if not magic:
+        return [spec] if as_path(spec).is_file() else []
+    base, pattern = as_path("/".join(parts[: magic[0]])), "/".join(parts[magic[0]:])
+    return sorted(str(p) for p in base.glob(pattern) if p.is_file())
+
+
+def local_copy(uri: str) -> str:
+    """A local copy of the remote file `uri`, downloaded once per machine into the temporary directory
+    (keyed by the URI, size and modification time, so a changed file is fetched again), for readers that
+    need random access to a local file (jsonl by pread, parquet, ArrayRecord)."""
+    src = as_path(uri)
+    stat = src.stat()
+    key = hashlib.sha256(f"{uri}|{stat.length}|{stat.mtime}".encode()).hexdigest()[:16]
+    dst = Path(tempfile.gettempdir()) / "r1jax-data" / key / src.name
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        part = dst.with_name(f".{dst.name}.part-{os.getpid()}")
+        copy_file(src, part)
+        os.replace(part, dst)  # readers on this machine never see half a file
+    return str(dst)
 
 
 @contextlib.contextmanager

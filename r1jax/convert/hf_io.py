@@ -171,10 +171,11 @@ def save_hf(path, cfg: ModelConfig | DenseConfig, params: dict, *, dtype=None, m
     """Write params as a HF directory; every leaf is checked before anything is written, and the
     directory appears only once complete."""
     hf.check_params(cfg, params)
-    with AtomicDir(path, overwrite) as tmp:
+    paths.check_destination(path, overwrite)
+    with paths.local_destination(path, "save-hf") as local, AtomicDir(local, overwrite) as tmp:  # gs://: uploaded
         with ShardedWriter(tmp, hf.tensor_plan(cfg, dtype), max_shard_size) as writer:
             for e in hf.entries(cfg):
                 hf.write_leaf(writer, e, cfg, hf.full_slab(e), np.asarray(hf.get_leaf(params, e.keys)), dtype)
         first = params["embed"].dtype if dtype is None else dtype
         write_config_files(tmp, cfg, jnp.dtype(first).name)
-    return Path(path)
+    return paths.as_path(path)

@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
+from r1jax import paths
 from r1jax.config import TaskConfig
 from r1jax.data import tasks
 from r1jax.data.tokenizer import BOS, render_chat
@@ -229,7 +230,13 @@ _READERS = {"jsonl": JsonlSource, "parquet": ParquetSource, "arrayrecord": Array
 
 
 def expand(spec: str) -> list[str]:
-    """A path or glob → sorted matching files; DataError when nothing matches."""
+    """A path or glob → sorted matching files; DataError when nothing matches. A gs:// path or glob
+    names remote files (r1jax/paths.py)."""
+    if paths.is_remote(spec):
+        files = paths.remote_files(spec)
+        if not files:
+            raise DataError(f"{spec}: " + ("no files match" if glob.has_magic(spec) else "no such file"))
+        return files
     if glob.has_magic(spec):
         files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not files:
@@ -257,4 +264,5 @@ def open_source(spec: str, *, fmt: str = "auto", task: TaskConfig | None = None)
     """One `sources` entry → its random-access sources (one per file; one for `task:*`)."""
     if spec.startswith("task:"):
         return [TaskSource(task or TaskConfig(), spec.removeprefix("task:"))]
-    return [_READERS[format_of(f, fmt)](f) for f in expand(spec)]
+    # A remote file is read from a local copy: the readers need random access (pread, parquet, ArrayRecord).
+    return [_READERS[format_of(f, fmt)](paths.local_copy(f) if paths.is_remote(f) else f) for f in expand(spec)]
