@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from gcs_emulator import gcs  # noqa: F401  (the fixture)
+from test_checkpoint import cfg, make_state, opt_state, params  # noqa: F401  (fixtures)
 
 from r1jax import paths
 
@@ -210,3 +211,27 @@ def test_sample_reads_and_writes_gs(gcs, tmp_path):
     remote = [json.loads(l) for l in paths.as_path(f"{gcs}/sample/out/o.jsonl").read_text().splitlines()]
     local = [json.loads(l) for l in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert len(remote) == 4 and remote == local
+
+
+@pytest.mark.slow
+def test_resume_on_gs_sets_a_damaged_step_aside(gcs, make_state):
+    """The fallback of issue 17 on a bucket: a corrupt newest step is moved to `<step>.damaged` (a copy
+    and a delete there: nothing renames) and the run resumes from the one before. Slow on the emulator
+    (~50 s): it lacks GCS's server-side copy, which gcsfs tries first and retries."""
+    import jax
+    from test_checkpoint import assert_states_equal
+
+    from r1jax.checkpoint.manager import CheckpointConfig, CheckpointManager
+
+    config = CheckpointConfig(directory=f"{gcs}/damaged/ckpt", save_interval_steps=1, max_to_keep=3, async_save=False)
+    with CheckpointManager(config) as mngr:
+        for step in (1, 2, 3):
+            mngr.save(step, make_state(step=step, seed=step), {"i": step})
+    (paths.as_path(config.directory) / "3" / "data_state" / "process_0-of-1.json").write_text("{not json")
+    with CheckpointManager(config) as mngr:
+        step, state, data = mngr.resume(abstract_state=jax.eval_shape(lambda: make_state()))
+        assert step == 2 and data == {"i": 2}
+        assert_states_equal(state, make_state(step=2, seed=2))
+        assert mngr.all_steps() == [1, 2]
+    assert listing(config.directory) == ["1", "2", "3.damaged"]
+    assert "process_0-of-1.json" in listing(f"{config.directory}/3.damaged/data_state")
