@@ -20,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
@@ -176,6 +177,45 @@ def local_destination(dst, prefix: str):
         yield d / "out"
         rmtree(dst)
         upload_tree(d / "out", dst)
+
+
+class LocalMirror:
+    """A local working copy of some entries (files or directories) of a remote directory, for writers
+    that append or rename, which an object store cannot do: they work in `local`, and `sync` copies
+    the entries back whole, at most every `every_s` seconds unless forced. Entries that exist remotely
+    are downloaded on construction (a resumed writer continues from them)."""
+
+    def __init__(self, remote_dir, names, *, every_s: float = 30.0, prefix: str = "mirror"):
+        self.remote, self.names, self.every_s = as_path(remote_dir), list(names), every_s
+        self.local = Path(tempfile.mkdtemp(prefix=f"r1jax-{prefix}-"))
+        self._synced = time.monotonic()
+        for name in self.names:
+            src = self.remote / name
+            if src.is_dir():
+                download_tree(src, self.local / name)
+            elif src.exists():
+                copy_file(src, self.local / name)
+
+    def sync(self, force: bool = False) -> None:
+        """Copy the local entries up, in the order named (a later one may describe an earlier one)."""
+        if not force and time.monotonic() - self._synced < self.every_s:
+            return
+        for name in self.names:
+            src = self.local / name
+            if src.is_dir():
+                upload_tree(src, self.remote / name)
+            elif src.exists():
+                copy_file(src, self.remote / name)
+        self._synced = time.monotonic()
+
+    def close(self) -> None:
+        shutil.rmtree(self.local, ignore_errors=True)
+
+    def __enter__(self) -> "LocalMirror":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @contextlib.contextmanager

@@ -235,3 +235,43 @@ def test_resume_on_gs_sets_a_damaged_step_aside(gcs, make_state):
         assert mngr.all_steps() == [1, 2]
     assert listing(config.directory) == ["1", "2", "3.damaged"]
     assert "process_0-of-1.json" in listing(f"{config.directory}/3.damaged/data_state")
+
+
+def test_killed_rejection_run_on_gs_resumes_to_the_local_result(gcs, tmp_path, monkeypatch):
+    """Rejection sampling into gs:// (a pipeline's rejection stage with out_dir on a bucket): killed at
+    its third batch, started again, it samples only that batch and ends with the local run's dataset."""
+    import jax
+
+    from r1jax.data.tokenizer import load_tokenizer
+    from r1jax.demo import tiny_config
+    from r1jax.infer import sampler
+    from r1jax.model.params import init_params
+    from r1jax.rl import rejection
+    from test_rejection import Killed, rcfg
+
+    cfg = tiny_config()
+    model = (init_params(cfg, jax.random.key(0)), cfg)
+    monkeypatch.setattr(rejection, "_keep", lambda prompt, text, *a: None if len(text) % 2 else "incorrect")
+    monkeypatch.setattr(rejection, "SYNC_EVERY_S", 0.0)  # every batch reaches the bucket
+    tok = load_tokenizer("builtin")
+    ref = rejection.rejection_sample(*model, rcfg(), tok, tmp_path / "ref" / "data.jsonl")
+
+    real, calls = sampler.sample, []
+
+    def dies_on_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return real(*a, **k)
+
+    out = f"{gcs}/rejection/data.jsonl"
+    monkeypatch.setattr(sampler, "sample", dies_on_third_batch)
+    with pytest.raises(Killed):
+        rejection.rejection_sample(*model, rcfg(), tok, out)
+    assert listing(f"{gcs}/rejection") == ["data.jsonl.progress.json", "data.jsonl.tmp"]
+    calls.clear()
+    monkeypatch.setattr(sampler, "sample", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert rejection.rejection_sample(*model, rcfg(), tok, out) == ref
+    assert len(calls) == 1  # only the third batch was sampled again
+    assert paths.as_path(out).read_text() == (tmp_path / "ref" / "data.jsonl").read_text()
+    assert listing(f"{gcs}/rejection") == ["data.jsonl", "data.jsonl.stats.json"]

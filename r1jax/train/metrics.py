@@ -10,10 +10,7 @@ bucket's copies are read back first. A local run directory is written in place, 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -37,25 +34,23 @@ class MetricsWriter:
     def __init__(self, run_dir, *, resume_step: int = 0, enabled: bool | None = None,
                  sync_every_s: float = 30.0):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self.run_dir = paths.as_path(run_dir)
-        self.remote = paths.is_remote(self.run_dir)
-        self.sync_every_s, self._synced = sync_every_s, time.monotonic()
-        self.local = self.run_dir
-        self.path = self.local / METRICS_FILE
+        run_dir = paths.as_path(run_dir)
+        self.mirror = None  # a remote run directory's local working copy
+        self.path = run_dir / METRICS_FILE
         self.tb = None
         if not self.enabled:
             return
-        if self.remote:
-            self.local = Path(tempfile.mkdtemp(prefix="r1jax-metrics-"))
-            self.path = self.local / METRICS_FILE
-            if self.run_dir.exists():
-                paths.download_tree(self.run_dir, self.local,
-                                    skip=lambda rel: rel.split("/")[0] not in (METRICS_FILE, TENSORBOARD_DIR))
+        local = run_dir
+        if paths.is_remote(run_dir):
+            self.mirror = paths.LocalMirror(run_dir, [METRICS_FILE, TENSORBOARD_DIR], every_s=sync_every_s,
+                                            prefix="metrics")
+            local = self.mirror.local
+            self.path = local / METRICS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._truncate_after(resume_step)
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(self.local / TENSORBOARD_DIR), purge_step=resume_step or None)
+        self.tb = SummaryWriter(str(local / TENSORBOARD_DIR), purge_step=resume_step or None)
 
     def _truncate_after(self, step: int) -> None:
         """On resume, drop lines from steps the restored checkpoint had not reached (they are re-run)."""
@@ -83,25 +78,18 @@ class MetricsWriter:
                 for i, x in enumerate(v):
                     self.tb.add_scalar(f"{k}/layer_{i}", x, step)
         self.tb.flush()
-        if self.remote and time.monotonic() - self._synced >= self.sync_every_s:
-            self.sync()
-
-    def sync(self) -> None:
-        """Copy the local metrics.jsonl and event files to a remote run directory (whole files: an
-        object cannot be appended to)."""
-        if self.remote and self.enabled:
-            paths.upload_tree(self.local, self.run_dir)
-            self._synced = time.monotonic()
+        if self.mirror is not None:
+            self.mirror.sync()
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
             self.tb = None
-            if self.remote:
+            if self.mirror is not None:
                 try:
-                    self.sync()
+                    self.mirror.sync(force=True)
                 finally:
-                    shutil.rmtree(self.local, ignore_errors=True)
+                    self.mirror.close()
 
 
 def read_metrics(run_dir) -> list[dict]:
