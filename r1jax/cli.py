@@ -1,7 +1,7 @@
 """The `r1jax` command. Thin: parse arguments, build configs, call library functions.
 
-Errors: a typed r1jax error, an OSError (a full disk: ENOSPC) and a failure inside tensorstore or orbax
-end the command with one line, `r1jax <command>: error: <path>: <cause>`, and exit status 2. The
+Errors: a typed r1jax error, an OSError (a full disk: ENOSPC) and a failure inside tensorstore, orbax
+or the GCS clients (gcsfs, google-auth) end the command with one line, `r1jax <command>: error: <path>: <cause>`, and exit status 2. The
 traceback, and the background threads' own reports of the failure, are shown only with
 `R1JAX_DEBUG=1` in the environment. Anything else is a bug and keeps its traceback."""
 
@@ -17,7 +17,8 @@ import traceback
 from r1jax.errors import R1JaxError, chain, describe
 
 DEBUG_ENV = "R1JAX_DEBUG"
-_STORAGE_PACKAGES = ("orbax", "tensorstore")  # failures raised in them are the storage's, not ours
+# Failures raised in them are the storage's, not ours (gcsfs and google-auth: gs:// paths, docs/storage.md).
+_STORAGE_PACKAGES = ("orbax", "tensorstore", "gcsfs", "google")
 
 
 def _demo(args) -> int:

@@ -275,3 +275,23 @@ def test_killed_rejection_run_on_gs_resumes_to_the_local_result(gcs, tmp_path, m
     assert len(calls) == 1  # only the third batch was sampled again
     assert paths.as_path(out).read_text() == (tmp_path / "ref" / "data.jsonl").read_text()
     assert listing(f"{gcs}/rejection") == ["data.jsonl", "data.jsonl.stats.json"]
+
+
+def test_a_bucket_without_credentials_is_one_line(gcs, tmp_path, capsys, monkeypatch):
+    """A gs:// failure of the GCS client (here google-auth finding no credentials, as on a machine
+    without them) ends the command with one line naming the cause, exit 2, like a local disk's."""
+    from google.auth.exceptions import DefaultCredentialsError
+
+    import r1jax.sample
+    from r1jax.cli import main
+
+    def no_credentials(*a, **k):
+        raise DefaultCredentialsError("Your default credentials were not found.")
+
+    monkeypatch.setattr(r1jax.sample, "sample_file", no_credentials)
+    monkeypatch.delenv("R1JAX_DEBUG", raising=False)
+    out = f"{gcs}/x/o.jsonl"
+    assert main(["sample", "--ckpt", "m", "--prompts", "p", "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"r1jax sample: error: {out}: not written (") and "credentials were not found" in err
+    assert len(err.strip().splitlines()) == 1
