@@ -106,9 +106,12 @@ def _config_show(args) -> int:
 
 
 def _version() -> str:
-    from r1jax import __version__
+    from importlib import metadata
 
-    return f"r1jax {__version__}"
+    try:
+        return f"r1jax {metadata.version('r1jax')}"
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "r1jax (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
