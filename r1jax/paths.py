@@ -23,13 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from r1jax.errors import CheckpointError, ConfigError
+
 _URI = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 SCHEMES = ("gs",)  # what r1jax has been tested on (tests/test_gcs.py, against an emulator)
 
 
 def is_remote(path) -> bool:
     """Whether `path` is a URI (gs://...) rather than a local path."""
-    return bool(_URI.match(os.fspath(path) if not isinstance(path, str) else path))
+    return bool(_URI.match(str(path)))
 
 
 def as_path(path):
@@ -42,8 +44,6 @@ def as_path(path):
         return Path(text)
     scheme = text.split("://", 1)[0].lower()
     if scheme not in SCHEMES:
-        from r1jax.errors import ConfigError
-
         raise ConfigError(f"{text}: the {scheme}:// scheme is not supported (local paths and "
                           f"{', '.join(s + '://' for s in SCHEMES)} are)")
     _no_listing_cache()
@@ -70,8 +70,6 @@ def absolute(path):
 def check_destination(dst, overwrite: bool) -> None:
     """An existing, non-empty directory `dst` is only ever replaced with overwrite (the commands'
     `--overwrite`); checked before any work."""
-    from r1jax.errors import CheckpointError
-
     dst = as_path(dst)
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"{dst}: exists and is not a directory")
@@ -98,23 +96,18 @@ def upload_tree(src: Path, dst) -> None:
     for f in files:
         target = dst / f.relative_to(src).as_posix()
         target.parent.mkdir(parents=True, exist_ok=True)
-        with f.open("rb") as r, target.open("wb") as w:
-            shutil.copyfileobj(r, w, 16 << 20)
+        copy_file(f, target)
 
 
-def download_tree(src, dst: Path, *, skip=lambda relative: False) -> Path:
-    """Copy everything under the URI `src` into the local directory `dst` (created); `skip(relative
-    path)` leaves a file or a whole subdirectory out."""
+def download_tree(src, dst: Path) -> Path:
+    """Copy everything under the URI `src` into the local directory `dst` (created)."""
     src = as_path(src)
     dst.mkdir(parents=True, exist_ok=True)
     for entry in src.iterdir():
-        if skip(entry.name):
-            continue
         if entry.is_dir():
-            download_tree(entry, dst / entry.name, skip=lambda rel, name=entry.name: skip(f"{name}/{rel}"))
+            download_tree(entry, dst / entry.name)
         else:
-            with entry.open("rb") as r, (dst / entry.name).open("wb") as w:
-                shutil.copyfileobj(r, w, 16 << 20)
+            copy_file(entry, dst / entry.name)
     return dst
 
 
