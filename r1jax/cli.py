@@ -99,9 +99,19 @@ def _resolved_config(path, overrides):
 
 
 def _config_show(args) -> int:
+    from r1jax.config import PipelineConfig
     from r1jax.config.show import show
 
-    print(show(_resolved_config(args.config, args.overrides)), end="")
+    cfg = _resolved_config(args.config, args.overrides)
+    if not isinstance(cfg, PipelineConfig):
+        print(show(cfg), end="")
+        return 0
+    from r1jax.pipeline import resolve_stage
+
+    # Each stage as it runs: its own config with the pipeline's defaults, out_dir and @references filled in.
+    print(show(cfg, skip=("stages",)), end="")
+    for i, spec in enumerate(cfg.stages):
+        print(f"\n# stages[{i}]: {spec.name} ({spec.kind}), resolved\n" + show(resolve_stage(cfg, i)), end="")
     return 0
 
 

@@ -64,6 +64,21 @@ def test_config_show_takes_model_and_eval_configs(capsys):
     assert yaml.safe_load(capsys.readouterr().out)["model"] == "somewhere"
 
 
+def test_config_show_of_a_pipeline_shows_each_stage_resolved(capsys):
+    from r1jax.pipeline import load_pipeline, resolve_stage
+
+    path = str(REPO / "configs/pipeline/r1_tiny.yaml")
+    assert main(["config", "show", path]) == 0
+    blocks = capsys.readouterr().out.split("\n# stages[")
+    pipeline = load_pipeline(path)
+    assert len(blocks) == 1 + len(pipeline.stages)
+    for i, block in enumerate(blocks[1:]):
+        header, body = block.split("\n", 1)
+        stage = resolve_stage(pipeline, i)
+        assert header == f"{i}]: {pipeline.stages[i].name} ({pipeline.stages[i].kind}), resolved"
+        assert config_lib.from_dict(type(stage), yaml.safe_load(body)) == stage
+
+
 @pytest.mark.parametrize("argv, hint", [
     (["train", SFT, "--steps", "5"], "--steps 5: overrides are written key=value, without dashes: steps=5"),
     (["train", SFT, "--optimizer.learning_rate=1e-3"], "without dashes: optimizer.learning_rate=1e-3"),
@@ -121,8 +136,8 @@ def test_every_checkpoint_reader_takes_a_run_dir_its_checkpoints_or_one_step(run
     for where, step in ((run_dir, 2), (run_dir / "checkpoints", 2), (run_dir / "checkpoints" / "1", 1)):
         assert checkpoint_kind(where) == "orbax"
         assert api.read_config(where).hidden_size == params["embed"].shape[1]
-        _, loaded = load_model(where)
-        np.testing.assert_array_equal(np.asarray(loaded["embed"]), np.asarray(params["embed"]) * step)
+        for _, loaded in (load_model(where), api.load_pretrained(where)):  # load_pretrained: init_from, eval, sample
+            np.testing.assert_array_equal(np.asarray(loaded["embed"]), np.asarray(params["embed"]) * step)
 
 
 def test_convert_orbax_to_hf_of_a_run_dir(run_dir, tmp_path, params):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import yaml
 
@@ -36,12 +35,18 @@ def _scalar(value) -> str:
 
 def _plain(value):
     """Plain YAML data: mappings, lists, scalars (tuples as lists, FrozenDicts as dicts)."""
-    return json.loads(json.dumps(thaw(to_dict(value) if dataclasses.is_dataclass(value) else value)))
+    if dataclasses.is_dataclass(value):
+        return to_dict(value)
+    if isinstance(value, tuple):  # a list of dataclasses (pipeline stages, rewards) too
+        return [_plain(x) for x in value]
+    return thaw(value)
 
 
-def _lines(cfg, defaults, indent: str) -> list[str]:
+def _lines(cfg, defaults, indent: str, skip=()) -> list[str]:
     out = []
     for f in dataclasses.fields(cfg):
+        if f.name in skip:
+            continue
         value = getattr(cfg, f.name)
         default = _field_default(f) if defaults is None else getattr(defaults, f.name, _REQUIRED)
         if dataclasses.is_dataclass(value):
@@ -63,7 +68,8 @@ def _note(default) -> str:
     return _scalar(_plain(default))
 
 
-def show(cfg) -> str:
+def show(cfg, skip=()) -> str:
     """`cfg` (a config dataclass) as YAML that loads back to it, each line commented with the field's
-    default: `# (default)` where the value is the default, `# default: X` where it differs."""
-    return "\n".join(_lines(cfg, None, "")) + "\n"
+    default: `# (default)` where the value is the default, `# default: X` where it differs. Fields
+    named in `skip` are left out."""
+    return "\n".join(_lines(cfg, None, "", skip)) + "\n"
