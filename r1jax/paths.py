@@ -78,6 +78,15 @@ def check_destination(dst, overwrite: bool) -> None:
                               f"overwrite=True in Python)")
 
 
+def makedirs(path) -> None:
+    """Create a local directory and its parents. On gs:// nothing: a bucket has no directories, and
+    gcsfs's mkdir would create a missing bucket, so a mistyped bucket name is an error at the first
+    write instead of a new bucket."""
+    path = as_path(path)
+    if not is_remote(path):
+        path.mkdir(parents=True, exist_ok=True)
+
+
 def rmtree(path) -> None:
     """Remove a directory and everything under it, if it exists."""
     path = as_path(path)
@@ -95,7 +104,6 @@ def upload_tree(src: Path, dst) -> None:
     files = sorted((f for f in src.rglob("*") if f.is_file()), key=lambda f: f.name in ("config.yaml", "config.json"))
     for f in files:
         target = dst / f.relative_to(src).as_posix()
-        target.parent.mkdir(parents=True, exist_ok=True)
         copy_file(f, target)
 
 

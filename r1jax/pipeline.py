@@ -134,7 +134,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
 
     stage_cfgs = [resolve_stage(cfg, i) for i in range(len(cfg.stages))]  # all errors before any work
     tok = load_tokenizer(_tokenizer_spec(stage_cfgs))
-    paths.as_path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    paths.makedirs(cfg.out_dir)
     records = []
     for i, (spec, stage_cfg) in enumerate(zip(cfg.stages, stage_cfgs)):
         done = stage_dir(cfg, spec.name) / "DONE.json"

@@ -98,7 +98,7 @@ def sample_file(model_dir, prompts_jsonl, out_jsonl, *, max_new_tokens: int, tem
     batch_size = min(batch_size, len(jobs))
     bucket = prompt_bucket(max(len(r) for r in prompts))  # one bucket for the file: one compile
     out_path = paths.as_path(out_jsonl)  # local or gs:// (an object is uploaded when closed)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    paths.makedirs(out_path.parent)
     with out_path.open("w") as f, _progress(len(jobs)) as bar:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]

@@ -116,7 +116,7 @@ def results_table(summaries: dict[str, dict]) -> list[dict]:
 
 def write_jsonl(rows: Iterable[dict], path):
     path = paths.as_path(path)  # local or gs://
-    path.parent.mkdir(parents=True, exist_ok=True)
+    paths.makedirs(path.parent)
     with path.open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")

@@ -123,7 +123,7 @@ class Run:
         ckpt_cfg = cfg.checkpoint
         if not ckpt_cfg.directory:
             ckpt_cfg = dataclasses.replace(ckpt_cfg, directory=str(self.dir / "checkpoints"))
-        self.dir.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(self.dir)
         self.manager = CheckpointManager(ckpt_cfg, model_config=model_cfg)
         self._closing = contextlib.ExitStack()
         self._closing.callback(self.manager.close)
