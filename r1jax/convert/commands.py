@@ -278,7 +278,7 @@ def _write_hf(out: AtomicDir, src, cfg, ents, stores, plan, dtype, quantize, max
                     for fd in writer.fds:
                         out.flush_soon(fd=fd)
                     unflushed = 0
-        hf_io.write_config_files(tmp, cfg, dtype or cfg.param_dtype, assets_from=src,
+        hf_io.write_config_files(tmp, cfg, dtype or cfg.param_dtype, assets_from=orbax_io.config_dir(src),
                                  quantization_config=fp8.QUANTIZATION_CONFIG if quantize else None)
 
 
