@@ -27,6 +27,9 @@ def listing(uri) -> list[str]:
     return sorted(p.name for p in paths.as_path(uri).iterdir())
 
 
+TOKENIZER_FILES = ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]  # beside config.yaml
+
+
 SFT = ["configs/train/tiny_sft.yaml", "log_every=1", "eval_every=0", "eval_data=null", "progress=false",
        "data.seq_len=64", "data.batch_size=4", "checkpoint.save_interval_steps=2", "checkpoint.async_save=false",
        "optimizer.warmup_steps=1"]
@@ -51,7 +54,7 @@ def test_sft_writes_its_run_to_gs_and_resumes_from_it(gcs, tmp_path):
     assert f"completed at step 2; run directory {run}" in first.stdout
     assert not (REPO / "gs:").exists()  # the old bug: a local ./gs:/bucket/...
     assert listing(run) == ["checkpoints", "config.yaml", "metrics.jsonl", "result.json", "tensorboard"]
-    assert listing(f"{run}/checkpoints") == ["2", "config.yaml"]
+    assert listing(f"{run}/checkpoints") == ["2", "config.yaml"] + TOKENIZER_FILES
     rows = [json.loads(l) for l in paths.as_path(f"{run}/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert listing(f"{run}/tensorboard")  # the event file was copied up
@@ -59,7 +62,7 @@ def test_sft_writes_its_run_to_gs_and_resumes_from_it(gcs, tmp_path):
     again = r1jax("train", *SFT, "steps=4", f"out_dir={run}", cwd=REPO)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "completed at step 4" in again.stdout
-    assert listing(f"{run}/checkpoints") == ["2", "4", "config.yaml"]
+    assert listing(f"{run}/checkpoints") == ["2", "4", "config.yaml"] + TOKENIZER_FILES
     rows2 = [json.loads(l) for l in paths.as_path(f"{run}/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows2] == [1, 2, 3, 4]
     assert rows2[:2] == rows  # resumed at step 2: the first run's rows are kept, not re-run
@@ -69,6 +72,21 @@ def test_sft_writes_its_run_to_gs_and_resumes_from_it(gcs, tmp_path):
     assert r1jax("train", *SFT, "steps=4", f"out_dir={local}", cwd=REPO).returncode == 0
     local_rows = [json.loads(l) for l in (local / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows2] == [r["loss"] for r in local_rows]
+
+    # The run directory on gs:// exported to gs:// (its config.yaml is the run's, not a model's): the same
+    # tensors and tokenizer files as the local run's export.
+    exported = r1jax("convert", "orbax-to-hf", run, f"{gcs}/sft-hf", cwd=REPO)
+    assert exported.returncode == 0, exported.stderr[-4000:]
+    assert r1jax("convert", "orbax-to-hf", local, tmp_path / "local-hf", cwd=REPO).returncode == 0
+    remote_hf = paths.download_tree(f"{gcs}/sft-hf", tmp_path / "remote-hf")
+    assert sorted(p.name for p in remote_hf.iterdir()) == sorted(p.name for p in (tmp_path / "local-hf").iterdir())
+    assert "tokenizer.json" in listing(f"{gcs}/sft-hf")
+    import numpy as np
+
+    ours, theirs = _tensors(remote_hf), _tensors(tmp_path / "local-hf")
+    assert sorted(ours) == sorted(theirs)
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
 
 
 def _tensors(hf_dir: Path) -> dict:
@@ -130,11 +148,11 @@ def test_grpo_writes_its_run_to_gs_and_resumes_from_it(gcs):
     run = f"{gcs}/grpo-run"
     first = r1jax("train", *GRPO, "steps=1", f"out_dir={run}", cwd=REPO)
     assert first.returncode == 0, first.stderr[-4000:]
-    assert listing(f"{run}/checkpoints") == ["1", "config.yaml"]
+    assert listing(f"{run}/checkpoints") == ["1", "config.yaml"] + TOKENIZER_FILES
     again = r1jax("train", *GRPO, "steps=2", f"out_dir={run}", cwd=REPO)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "completed at step 2" in again.stdout
-    assert listing(f"{run}/checkpoints") == ["1", "2", "config.yaml"]
+    assert listing(f"{run}/checkpoints") == ["1", "2", "config.yaml"] + TOKENIZER_FILES
     assert listing(f"{run}/samples") == ["step_000001.jsonl", "step_000002.jsonl"]
     rows = [json.loads(l) for l in paths.as_path(f"{run}/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -295,3 +313,16 @@ def test_a_bucket_without_credentials_is_one_line(gcs, tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert err.startswith(f"r1jax sample: error: {out}: not written (") and "credentials were not found" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_tokenizer_files_on_gs(gcs):
+    """Tokenizer.save to gs:// and load_tokenizer from there (as `data.tokenizer` or found beside a
+    model's checkpoints) give the same ids and chat template."""
+    from r1jax.data.tokenizer import builtin_tokenizer, load_tokenizer, model_tokenizer_dir
+
+    tok = builtin_tokenizer()
+    tok.save(f"{gcs}/tok/run/checkpoints")
+    assert str(model_tokenizer_dir(f"{gcs}/tok/run")) == f"{gcs}/tok/run/checkpoints"
+    back = load_tokenizer(f"{gcs}/tok/run/checkpoints")
+    text = "<think>1+2=3</think> <answer>3</answer>"
+    assert back.encode(text) == tok.encode(text) and back.template.source == tok.template.source
