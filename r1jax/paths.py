@@ -79,9 +79,9 @@ def check_destination(dst, overwrite: bool) -> None:
 
 
 def makedirs(path) -> None:
-    """Create a local directory and its parents. On gs:// nothing: a bucket has no directories, and
-    gcsfs's mkdir would create a missing bucket, so a mistyped bucket name is an error at the first
-    write instead of a new bucket."""
+    """Create a local directory and its parents. On gs:// nothing: a bucket has no directories (an
+    object's name holds its whole path), and gcsfs's mkdir on a bucket path may create or demand the
+    bucket depending on its version; a missing bucket is an error at the first write."""
     path = as_path(path)
     if not is_remote(path):
         path.mkdir(parents=True, exist_ok=True)

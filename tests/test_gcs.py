@@ -326,3 +326,4 @@ def test_tokenizer_files_on_gs(gcs):
     back = load_tokenizer(f"{gcs}/tok/run/checkpoints")
     text = "<think>1+2=3</think> <answer>3</answer>"
     assert back.encode(text) == tok.encode(text) and back.template.source == tok.template.source
+
