@@ -244,7 +244,7 @@ class TrainConfig:
 
     `model` is the architecture and execution choices; with `init_from` (a HF directory or an r1jax
     checkpoint) the architecture comes from there and `model` may only change execution fields
-    (dtype, moe_dispatch, capacity_factor, ragged_buffer_factor, remat_policy).
+    (dtype, moe_dispatch, capacity_factor, ragged_buffer_factor, remat_policy, layer_loop, attention_impl).
     """
 
     stage: Literal["pretrain", "sft"] = "pretrain"

@@ -45,7 +45,8 @@ from r1jax.parallel import mesh as mesh_lib
 from r1jax.train.metrics import MetricsWriter
 
 # What a run may change about an init_from checkpoint's model: how it computes, not what it is.
-EXECUTION_FIELDS = ("dtype", "moe_dispatch", "capacity_factor", "ragged_buffer_factor", "remat_policy")
+EXECUTION_FIELDS = ("dtype", "moe_dispatch", "capacity_factor", "ragged_buffer_factor", "remat_policy", "layer_loop",
+                    "attention_impl")
 
 
 class TrainingDiverged(R1JaxError):
@@ -75,7 +76,7 @@ def resolve_model(cfg, mesh=None):
             raise ConfigError(f"model.{diff[0]}: differs from the init_from checkpoint {cfg.init_from} "
                               f"({getattr(cfg.model, diff[0])!r} vs {getattr(model_cfg, diff[0])!r}); with "
                               f"init_from, model may only set {', '.join(EXECUTION_FIELDS)}")
-        model_cfg = model_cfg.replace(**{k: getattr(cfg.model, k) for k in EXECUTION_FIELDS})
+        model_cfg = model_cfg.replace(**{k: getattr(cfg.model, k) for k in EXECUTION_FIELDS if hasattr(cfg.model, k)})
     return model_cfg, params
 
 
