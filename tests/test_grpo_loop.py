@@ -2,6 +2,7 @@
 are written; resume after an interruption continues from the checkpoint; rollout and training under
 data/expert and fsdp/expert/tensor meshes equal the one-device run; bad meshes are named up front."""
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -43,7 +44,8 @@ def test_grpo_raises_the_reward_of_a_random_tiny_model(tmp_path):
 def test_training_batch_layout_and_masks():
     """Left-padded prompt + completion: positions restart at the first real token, padding has
     segment 0, the EOS token's log-prob is trained, truncated samples are masked under overlong=mask,
-    and an unjudgeable sample (reward None) gets no loss and advantage 0."""
+    and an unjudgeable sample (reward None) gets advantage 0 and stays in the loss (TRL; its KL term
+    applies), or leaves it under `unscored: drop`."""
     cfg = config.load_stage("configs/train/tiny_grpo.yaml", ["num_generations=2", "max_new_tokens=4",
                                                              "overlong=mask"])
     roll = Rollout(
@@ -59,8 +61,11 @@ def test_training_batch_layout_and_masks():
     np.testing.assert_array_equal(b["segment_ids"][0], [0, 0, 1, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(b["completion_mask"][0], [1, 1, 1, 0])  # EOS (3rd token) is trained
     assert not b["completion_mask"][1].any()  # truncated
-    assert not b["completion_mask"][2].any() and b["advantages"][2] == 0  # reward None
+    np.testing.assert_array_equal(b["completion_mask"][2], [1, 1, 0, 0])  # reward None: kept
+    assert b["advantages"][2] == 0 and b["advantages"][3] == 0  # alone in its group: nothing to compare
     assert b["advantages"][0] > 0 > b["advantages"][1]
+    dropped = training_batch(roll, dataclasses.replace(cfg, unscored="drop"), eos_id=1)
+    assert not dropped["completion_mask"][2].any() and dropped["completion_mask"][3].any()
 
 
 def test_training_batch_pads_to_the_mesh_rows_without_changing_the_loss():
@@ -86,7 +91,7 @@ def test_training_batch_pads_to_the_mesh_rows_without_changing_the_loss():
         return float(grpo.policy_loss(logp[:n], jnp.full((n, 3), -1.0), None, jnp.asarray(b["advantages"]),
                                       jnp.asarray(b["completion_mask"]), epsilon_low=0.2, epsilon_high=0.2, beta=0.0,
                                       aggregation="fixed_length", max_len=3,
-                                      num_completions=b["sample_mask"].sum())[0])
+                                      rows=b["sample_mask"].sum())[0])
 
     assert loss(padded) == pytest.approx(loss(plain), rel=1e-6) and loss(plain) != 0
 
@@ -173,7 +178,7 @@ def test_router_bias_follows_the_rollout_load(rate):
 
     from r1jax.model import hidden
     from r1jax.model.params import init_params
-    from r1jax.rl.grpo_loop import GRPOState, update
+    from r1jax.rl.grpo_update import GRPOState, update
 
     cfg = config.load_stage("configs/train/tiny_grpo.yaml", [f"router_bias_update_rate={rate}", "beta=0"])
     mcfg = cfg.model

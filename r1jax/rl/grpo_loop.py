@@ -14,16 +14,12 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import flax.struct
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from r1jax.config import GRPOConfig, ModelConfig
 from r1jax.data.pipeline import make_prompt_iterator
@@ -32,22 +28,13 @@ from r1jax.eval.run import evaluate_model, prompt_rows
 from r1jax.infer import sampler
 from r1jax.model.params import param_shapes
 from r1jax.model.sharding import param_shardings
-from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules as rules_lib
 from r1jax.rl import grpo, rewards as rewards_lib
+from r1jax.rl.grpo_update import (batch_shapes, batch_shardings, check_mesh, init_state, make_steps,
+                                  needs_old_logprobs, optimizer_steps, row_order)
 from r1jax.train import optimizer
 from r1jax.train.metrics import to_host
 from r1jax.train.run import Run, RunResult, check_vocab, mesh_and_model
-from r1jax.train.step import update_router_bias
-
-
-@flax.struct.dataclass
-class GRPOState:
-    step: jax.Array
-    params: dict
-    opt_state: optax.OptState
-    rng: jax.Array
-    ref_params: dict  # π_ref (empty when beta = 0)
 
 
 @dataclasses.dataclass
@@ -153,7 +140,7 @@ def training_batch(roll: Rollout, cfg: GRPOConfig, eos_id: int, rows: int | None
     real = np.concatenate([roll.prompt_mask.astype(bool), comp_real], axis=1)
     positions = np.maximum(np.cumsum(real, axis=1) - 1, 0)
     valid = ~np.isnan(roll.rewards)
-    mask = comp_real & valid[:, None]
+    mask = comp_real & valid[:, None] if cfg.unscored == "drop" else comp_real
     if cfg.overlong == "mask":
         mask &= roll.finished[:, None]  # DAPO overlong filtering: truncated samples teach nothing
     G = cfg.num_generations
@@ -170,81 +157,9 @@ def training_batch(roll: Rollout, cfg: GRPOConfig, eos_id: int, rows: int | None
     return batch
 
 
-def batch_shapes(cfg: GRPOConfig) -> dict:
-    """Global shapes of one training batch: N = prompts.batch_size × num_generations rows."""
-    N, Lp, M = cfg.prompts.batch_size * cfg.num_generations, cfg.prompts.seq_len, cfg.max_new_tokens
-    S = jax.ShapeDtypeStruct
-    shapes = {k: S((N, Lp + M), jnp.int32) for k in ("tokens", "positions", "segment_ids")}
-    shapes.update(completion_mask=S((N, M), jnp.bool_), advantages=S((N,), jnp.float32),
-                  sample_mask=S((N,), jnp.bool_))
-    if cfg.num_iterations > 1:  # μ = 1 takes π_old's log-probs from the update's own forward
-        shapes["old_logp"] = S((N, M), jnp.float32)
-    if cfg.beta > 0:
-        shapes["ref_logp"] = S((N, M), jnp.float32)
-    return shapes
-
-
-def batch_shardings(shapes: dict, mesh, rules) -> dict:
-    """Rows over the `batch` rule's axes (data×fsdp×expert), positions over `length`'s."""
-    return rules_lib.batch_shardings(shapes, mesh, rules)
-
-
-def init_state(params: dict, tx: optax.GradientTransformation, cfg: GRPOConfig) -> GRPOState:
-    # copy: π_ref must not share buffers with the params the update donates.
-    ref = jax.tree.map(jnp.copy, params) if cfg.beta > 0 else {}
-    return GRPOState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(cfg.seed), ref)
-
-
-def update(state: GRPOState, batch: dict, *, cfg: ModelConfig, gcfg: GRPOConfig, tx):
-    """μ = num_iterations policy updates on one rollout batch (π_old fixed at sampling), then step + 1.
-    -> new state, the last update's metrics."""
-    def one(st, _):
-        (_, metrics), grads = jax.value_and_grad(grpo.loss_fn, has_aux=True)(st.params, batch, cfg, gcfg)
-        updates, opt_state = tx.update(grads, st.opt_state, st.params)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        params = optax.apply_updates(st.params, updates)
-        # V3's aux-loss-free balancing keeps running in RL: b_i += γ·sign(mean load − load_i).
-        load = metrics.pop("moe_load", None)
-        params = update_router_bias(params, None if load is None else {"load": load}, gcfg.router_bias_update_rate)
-        return st.replace(params=params, opt_state=opt_state), metrics
-
-    state, metrics = jax.lax.scan(one, state, length=gcfg.num_iterations)
-    return state.replace(step=state.step + 1), jax.tree.map(lambda m: m[-1], metrics)
-
-
-@dataclasses.dataclass(frozen=True)
-class Steps:
-    """The compiled pieces of a GRPO step on one mesh (call them inside its sharding_context)."""
-
-    logprobs: Callable  # (params, batch) -> completion log-probs [N, M] at the sampling temperature
-    update: Callable  # (state, batch) -> (state, metrics); donates the state
-    refresh: Callable  # params -> a copy for π_ref
-
-
-def make_steps(model_cfg, cfg: GRPOConfig, tx, state_sh: GRPOState, batch_sh: dict, mesh) -> Steps:
-    replicated = NamedSharding(mesh, PartitionSpec())
-    inputs = {k: v for k, v in batch_sh.items() if k not in ("old_logp", "ref_logp")}
-    logprobs = jax.jit(functools.partial(grpo.completion_logprobs, cfg=model_cfg, gcfg=cfg),
-                       in_shardings=(state_sh.params, inputs),
-                       out_shardings=batch_sh["completion_mask"])  # [N, M], laid out like the mask
-    step = jax.jit(functools.partial(update, cfg=model_cfg, gcfg=cfg, tx=tx), in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, replicated), donate_argnums=0)
-    refresh = jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(state_sh.params,),
-                      out_shardings=state_sh.params)
-    return Steps(logprobs, step, refresh)
-
-
 def global_batch(batch: dict, shardings: dict) -> dict:
     """Every process holds the whole batch (the same rollout); each device takes its rows."""
     return {k: jax.make_array_from_process_local_data(shardings[k], v, v.shape) for k, v in batch.items()}
-
-
-def check_mesh(cfg: GRPOConfig, model_cfg, shape: dict[str, int]) -> None:
-    """What must divide, before anything is compiled: experts and heads, and the rollout rows over
-    the batch axes (sampling and training use the same rows)."""
-    mesh_lib.check_model(model_cfg, shape)
-    mesh_lib.check_batch(cfg.prompts.batch_size * cfg.num_generations, shape,
-                         "prompts.batch_size × num_generations", cfg.mesh)
 
 
 def _write_samples(run_dir: Path, step: int, roll: Rollout, adv: np.ndarray) -> None:
@@ -270,6 +185,16 @@ def _rollout_metrics(roll: Rollout, G: int) -> dict:
     return m
 
 
+def update_metrics(m: dict) -> dict:
+    """The update's per-optimizer-step metrics [μ·M] -> the rollout's means, the first step's loss and
+    ratio (on-policy: 1) and the last step's (how far the rollout's last mini-batch is off-policy)."""
+    out = {k: float(np.mean(v)) for k, v in m.items()}
+    if len(m["loss"]) > 1:
+        out.update({"loss/first": float(m["loss"][0]), "loss/last": float(m["loss"][-1]),
+                    "ratio_mean/last": float(m["ratio_mean"][-1])})
+    return out
+
+
 def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
     """Run (or resume) GRPO in cfg.out_dir on a mesh of `devices` (default: all) shaped by cfg.mesh.
 
@@ -285,7 +210,7 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
     eval_prompts = None
     if cfg.eval_prompts is not None:
         eval_prompts = dataclasses.replace(cfg.eval_prompts, shard_index=0, shard_count=1)
-    tx = optimizer.build(cfg.optimizer, cfg.steps)
+    tx = optimizer.build(cfg.optimizer, cfg.steps * optimizer_steps(cfg))  # the schedule counts optimizer steps
     abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg), param_shapes(model_cfg))
     state_sh = rules_lib.state_shardings(abstract, param_shardings(model_cfg, mesh, cfg.mesh), mesh)
     shapes = batch_shapes(cfg)
@@ -303,17 +228,18 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
                 step += 1
             else:
                 batch = training_batch(roll, cfg, tok.eos_id, rows=shapes["tokens"].shape[0])
-                dev = global_batch(batch, batch_sh)
+                order = row_order(len(batch["tokens"]), cfg, step)
+                dev = global_batch({k: v[order] for k, v in batch.items()}, batch_sh)
                 t1 = time.perf_counter()
                 inputs = dict(dev)
-                if "old_logp" in batch_sh:  # μ > 1 (see batch_shapes)
+                if needs_old_logprobs(cfg):  # π_old: the params that sampled, fixed for the whole rollout
                     dev["old_logp"] = steps.logprobs(state.params, inputs)
                 if cfg.beta > 0:
                     dev["ref_logp"] = steps.logprobs(state.ref_params, inputs)
                 jax.block_until_ready(dev)
                 t2 = time.perf_counter()
                 state, m = steps.update(state, dev)
-                m = to_host(m)
+                m = update_metrics(to_host(m))
                 t3 = time.perf_counter()
                 step += 1
                 if cfg.beta > 0 and cfg.ref_refresh_steps and step % cfg.ref_refresh_steps == 0:
