@@ -1,5 +1,6 @@
 """The GRPO stage: sample G completions per prompt with the current policy, score them with the
-rule-based rewards, and take μ clipped policy-gradient updates — rollout and training share one
+rule-based rewards, and take the rollout's clipped policy-gradient steps (M mini-batches × μ passes,
+rl/grpo_update.py) — rollout and training share one
 params pytree in one process (no weight copy, identical MoE routing code).
 
 Every run is a mesh run, like SFT's (`train/loop.py`): the state lives in the shardings the rules give
@@ -11,7 +12,6 @@ rounds, padding) agree without communication; only process 0 writes files other 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from pathlib import Path
@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.config import GRPOConfig, ModelConfig
+from r1jax.config import GRPOConfig
 from r1jax.data.pipeline import make_prompt_iterator
 from r1jax.data.tokenizer import completion_texts, load_tokenizer
 from r1jax.eval.run import evaluate_model, prompt_rows
 from r1jax.infer import sampler
-from r1jax.model.params import param_shapes
+from r1jax.model.params import init_params, param_shapes
 from r1jax.model.sharding import param_shardings
 from r1jax.parallel import rules as rules_lib
 from r1jax.rl import grpo, rewards as rewards_lib
@@ -195,11 +195,64 @@ def update_metrics(m: dict) -> dict:
     return out
 
 
-def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
-    """Run (or resume) GRPO in cfg.out_dir on a mesh of `devices` (default: all) shaped by cfg.mesh.
+@dataclasses.dataclass
+class Session:
+    """Everything a GRPO run holds besides its state: the mesh, model, tokenizer, rewards, prompts and
+    the compiled steps (`prepare`); `step` advances a state by one rollout."""
 
-    Rollout and training share one params pytree, laid out by the rules: the sampler runs on the
-    training state's params where they lie, with the rows split over the batch axes."""
+    cfg: GRPOConfig
+    mesh: object
+    model_cfg: object
+    params: dict | None  # the initial params (None: initialized from cfg.seed)
+    tok: object
+    reward_set: rewards_lib.RewardSet
+    prompt_it: object
+    tx: object
+    abstract: object
+    state_sh: object
+    batch_sh: dict
+    steps: object
+
+    def init_state(self):
+        """A fresh state from the initial params, laid out by the rules (no checkpoint)."""
+        params = self.params
+        if params is None:
+            params = init_params(self.model_cfg, jax.random.key(self.cfg.seed), out_shardings=self.state_sh.params)
+        params = jax.device_put(params, self.state_sh.params)
+        return jax.jit(lambda p: init_state(p, self.tx, self.cfg), out_shardings=self.state_sh)(params)
+
+    def step(self, state, step: int):
+        """One rollout and its M·μ optimizer steps (call inside the mesh's sharding_context).
+        -> (state, metrics, rollout, training batch or None when no group had reward variance)."""
+        cfg, steps = self.cfg, self.steps
+        roll, rstats = rollout(state.params, self.model_cfg, cfg, self.prompt_it, self.tok, self.reward_set, step,
+                               self.mesh)
+        metrics = {**_rollout_metrics(roll, cfg.num_generations), **rstats}
+        if len(roll.lengths) == 0:  # every group had equal rewards in every round: nothing to learn
+            return state, metrics, roll, None
+        batch = training_batch(roll, cfg, self.tok.eos_id, rows=cfg.prompts.batch_size * cfg.num_generations)
+        order = row_order(len(batch["tokens"]), cfg, step)
+        dev = global_batch({k: v[order] for k, v in batch.items()}, self.batch_sh)
+        t1 = time.perf_counter()
+        inputs = dict(dev)
+        if needs_old_logprobs(cfg):  # π_old: the params that sampled, fixed for the whole rollout
+            dev["old_logp"] = steps.logprobs(state.params, inputs)
+        if cfg.beta > 0:
+            dev["ref_logp"] = steps.logprobs(state.ref_params, inputs)
+        jax.block_until_ready(dev)
+        t2 = time.perf_counter()
+        state, m = steps.update(state, dev)
+        metrics.update(update_metrics(to_host(m)))
+        t3 = time.perf_counter()
+        if cfg.beta > 0 and cfg.ref_refresh_steps and (step + 1) % cfg.ref_refresh_steps == 0:
+            state = state.replace(ref_params=steps.refresh(state.params))
+        metrics.update(time_logprob=t2 - t1, time_update=t3 - t2)
+        return state, metrics, roll, batch
+
+
+def prepare(cfg: GRPOConfig, devices=None) -> Session:
+    """The mesh, model, tokenizer, rewards, prompts and compiled steps of a GRPO run, every check made
+    before anything is compiled."""
     mesh, model_cfg, params = mesh_and_model(cfg, devices)
     check_mesh(cfg, model_cfg, rules_lib.mesh_sizes(mesh))
     tok = load_tokenizer(cfg.prompts.tokenizer)
@@ -207,55 +260,41 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
     reward_set = rewards_lib.reward_set(cfg.rewards)
     # Every process reads the whole prompt batch: rollouts are identical everywhere (see `rollout`).
     prompt_it = make_prompt_iterator(cfg.prompts, tok, shard=grain.sharding.NoSharding())
-    eval_prompts = None
-    if cfg.eval_prompts is not None:
-        eval_prompts = dataclasses.replace(cfg.eval_prompts, shard_index=0, shard_count=1)
     tx = optimizer.build(cfg.optimizer, cfg.steps * optimizer_steps(cfg))  # the schedule counts optimizer steps
     abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg), param_shapes(model_cfg))
     state_sh = rules_lib.state_shardings(abstract, param_shardings(model_cfg, mesh, cfg.mesh), mesh)
-    shapes = batch_shapes(cfg)
-    batch_sh = batch_shardings(shapes, mesh, cfg.mesh)
+    batch_sh = batch_shardings(batch_shapes(cfg), mesh, cfg.mesh)
     steps = make_steps(model_cfg, cfg, tx, state_sh, batch_sh, mesh)
+    return Session(cfg, mesh, model_cfg, params, tok, reward_set, prompt_it, tx, abstract, state_sh, batch_sh, steps)
 
-    with Run(cfg, model_cfg, prompt_it) as run, rules_lib.sharding_context(mesh, cfg.mesh):
-        state, step = run.start(params, lambda p: init_state(p, tx, cfg), abstract, state_sh)
-        del params
+
+def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
+    """Run (or resume) GRPO in cfg.out_dir on a mesh of `devices` (default: all) shaped by cfg.mesh.
+
+    Rollout and training share one params pytree, laid out by the rules: the sampler runs on the
+    training state's params where they lie, with the rows split over the batch axes."""
+    s = prepare(cfg, devices)
+    eval_prompts = None
+    if cfg.eval_prompts is not None:
+        eval_prompts = dataclasses.replace(cfg.eval_prompts, shard_index=0, shard_count=1)
+
+    with Run(cfg, s.model_cfg, s.prompt_it) as run, rules_lib.sharding_context(s.mesh, cfg.mesh):
+        state, step = run.start(s.params, lambda p: init_state(p, s.tx, cfg), s.abstract, s.state_sh)
+        s.params = None
         last = {}
         while step < cfg.steps:
-            roll, rstats = rollout(state.params, model_cfg, cfg, prompt_it, tok, reward_set, step, mesh)
-            metrics = {**_rollout_metrics(roll, cfg.num_generations), **rstats}
-            if len(roll.lengths) == 0:  # every group had equal rewards in every round: nothing to learn
-                step += 1
-            else:
-                batch = training_batch(roll, cfg, tok.eos_id, rows=shapes["tokens"].shape[0])
-                order = row_order(len(batch["tokens"]), cfg, step)
-                dev = global_batch({k: v[order] for k, v in batch.items()}, batch_sh)
-                t1 = time.perf_counter()
-                inputs = dict(dev)
-                if needs_old_logprobs(cfg):  # π_old: the params that sampled, fixed for the whole rollout
-                    dev["old_logp"] = steps.logprobs(state.params, inputs)
-                if cfg.beta > 0:
-                    dev["ref_logp"] = steps.logprobs(state.ref_params, inputs)
-                jax.block_until_ready(dev)
-                t2 = time.perf_counter()
-                state, m = steps.update(state, dev)
-                m = update_metrics(to_host(m))
-                t3 = time.perf_counter()
-                step += 1
-                if cfg.beta > 0 and cfg.ref_refresh_steps and step % cfg.ref_refresh_steps == 0:
-                    state = state.replace(ref_params=steps.refresh(state.params))
-                metrics.update(m)
-                metrics.update(time_logprob=t2 - t1, time_update=t3 - t2)
-                if run.primary and cfg.samples_every and (step % cfg.samples_every == 0 or step == 1):
-                    _write_samples(run.dir, step, roll, batch["advantages"])
+            state, metrics, roll, batch = s.step(state, step)
+            step += 1
+            if batch is not None and run.primary and cfg.samples_every and (step % cfg.samples_every == 0 or step == 1):
+                _write_samples(run.dir, step, roll, batch["advantages"])
             if not np.isfinite(metrics.get("loss", 0.0)):
                 raise run.diverged(f"step {step}: GRPO loss is not finite")
             run.save(step, state)
             if eval_prompts is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                summary, _ = evaluate_model(state.params, model_cfg, eval_prompts, tok,
+                summary, _ = evaluate_model(state.params, s.model_cfg, eval_prompts, s.tok,
                                             num_samples=cfg.eval_samples,
                                             temperature=0.0 if cfg.eval_samples == 1 else cfg.temperature,
-                                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, mesh=mesh)
+                                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, mesh=s.mesh)
                 metrics.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
             if run.log_due(step):
                 run.log(step, metrics)
