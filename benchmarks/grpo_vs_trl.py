@@ -265,7 +265,8 @@ def main(argv=None):
           f"{' (noisy)' if spread > 0.15 else ''}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)")
     print(f"loss after the same first update: r1jax {first[0]:.6e}, TRL {first[1]:.6e}, relative difference "
-          f"{first[2]:.1e}; the update's gradient norm: r1jax {first[3]:.6e}, TRL {first[4]:.6e} (TRL in float64: {first[5]:.6e})")
+          f"{first[2]:.1e}; the update's gradient norm: r1jax {first[3]:.6e}, TRL {first[4]:.6e} "
+          f"(TRL in float64: {first[5]:.6e})")
 
 
 if __name__ == "__main__":

@@ -319,7 +319,8 @@ def plan_grpo(cfg: GRPOConfig, topology: topology_lib.Topology, *, name: str = "
     sizes = mesh_lib.mesh_shape(cfg.mesh, len(chips), topology.slices)
     check_mesh(cfg, m, sizes)
     # The update's forward and backward see one micro-batch at a time.
-    rows = cfg.prompts.batch_size * cfg.num_generations // micro_batches(cfg) // rules_lib.split_of("batch", cfg.mesh, sizes)
+    rows = (cfg.prompts.batch_size * cfg.num_generations // micro_batches(cfg)
+            // rules_lib.split_of("batch", cfg.mesh, sizes))
     state = state_bytes(m, cfg.mesh, sizes, cfg.optimizer.moment_dtype)
     items = {"params": state["params"], "optimizer state (Adam mu, nu)": state["optimizer"],
              "reference params (beta > 0)": state["params"] if cfg.beta > 0 else 0.0}

@@ -131,7 +131,8 @@ def test_options_equal_trl(loss_type, delta, bias_kl, level):
     ours, theirs = r1jax_loss(logp, old, ref, adv, mask, **kw), trl_loss(logp, old, ref, adv, mask, **kw)
     check(ours, theirs)
     if delta is not None:  # δ binds somewhere, or this case tests nothing about it
-        r = np.exp(logp - old) if level == "token" else np.exp(((logp - old) * mask).sum(1) / np.maximum(mask.sum(1), 1))
+        log_r = logp - old if level == "token" else ((logp - old) * mask).sum(1) / np.maximum(mask.sum(1), 1)
+        r = np.exp(log_r)
         assert (r > delta).any()
 
 
@@ -154,6 +155,18 @@ def test_masked_and_unscored_rows_count_as_in_trl():
 MINI = [(t, M, A) for t in AGGREGATION for M, A in [(1, 2), (2, 2), (4, 1)] if t != "bnpo"]
 
 
+@pytest.mark.parametrize("how,skip,want", [("sequence_mean", "count", [8, 8]), ("sequence_mean", "skip", [7, 7]),
+                                           ("fixed_length", "skip", [8, 8])])
+def test_masked_rows_skip_leaves_empty_rows_out_of_sequence_mean_only(how, skip, want):
+    """r1jax's former rule, kept as `masked_rows: skip`: per mini-batch, only completions with a token count
+    in sequence_mean's denominator; fixed_length counts every completion either way."""
+    mask = np.ones((16, 3), bool)
+    mask[[0, 1]] = False  # rows 0 and 1: one in each of 2 mini-batches (rows m::2)
+    split = _split({"completion_mask": jnp.asarray(mask), "sample_mask": jnp.ones(16, bool)}, 2, 1)
+    rows, tokens = _normalisers(split, SimpleNamespace(masked_rows=skip, loss_aggregation=how))
+    assert np.asarray(rows).tolist() == want and float(tokens) == 14 * 3 / 2
+
+
 @pytest.mark.parametrize("loss_type,M,A", MINI)
 def test_mini_batch_normalisers_equal_trl(loss_type, M, A):
     """One rollout of 16 rows in M mini-batches of A micro-batches (TRL: steps_per_generation = M·A,
@@ -165,7 +178,8 @@ def test_mini_batch_normalisers_equal_trl(loss_type, M, A):
     interleave = np.arange(16).reshape(K, 16 // K).T.reshape(-1)  # r1jax row i*K + k = TRL row k*n + i
     with jax.enable_x64(True):
         split = _split({"completion_mask": jnp.asarray(mask[interleave]), "sample_mask": jnp.ones(16, bool)}, M, A)
-        rows, tokens = _normalisers(split, SimpleNamespace(masked_rows="count"))
+        opts = SimpleNamespace(masked_rows="count", loss_aggregation=AGGREGATION[loss_type])
+        rows, tokens = _normalisers(split, opts)
     n = 16 // K
     kw = dict(loss_type=loss_type, eps=(0.2, 0.28), beta=0.04)
     for m in range(M):

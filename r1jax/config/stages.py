@@ -379,10 +379,12 @@ class GRPOConfig:
         object.__setattr__(self, "scale_rewards", {True: "group", False: "none"}.get(self.scale_rewards,
                                                                                       self.scale_rewards))
         need(self.rollout_batches >= 1, "rollout_batches", f"must be >= 1, got {self.rollout_batches}")
-        rows, micro = self.prompts.batch_size * self.num_generations, self.rollout_batches * self.optimizer.grad_accum_steps
+        rows = self.prompts.batch_size * self.num_generations
+        micro = self.rollout_batches * self.optimizer.grad_accum_steps
         need(rows % micro == 0, "rollout_batches",
              f"rollout_batches × optimizer.grad_accum_steps = {self.rollout_batches} × "
-             f"{self.optimizer.grad_accum_steps} must divide the rollout's prompts.batch_size × num_generations = {rows} rows")
+             f"{self.optimizer.grad_accum_steps} must divide the rollout's prompts.batch_size × num_generations = "
+             f"{rows} rows")
         need(self.delta is None or self.delta > 1, "delta",
              f"the two-sided clip caps ratios at delta: must be > 1 (TRL advises > 1 + epsilon_high), got {self.delta}")
         need(self.ref_refresh_steps >= 0, "ref_refresh_steps", "must be >= 0")

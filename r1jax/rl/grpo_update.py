@@ -118,8 +118,8 @@ def _normalisers(split: dict, gcfg: GRPOConfig):
         rows = split["sample_mask"].astype(jnp.float32)
     else:
         rows = jnp.ones(mask.shape[:3], jnp.float32)
-    if gcfg.masked_rows == "skip":  # only rows with a token to train count (r1jax before TRL parity)
-        rows = rows * mask.any(-1)
+    if gcfg.masked_rows == "skip" and gcfg.loss_aggregation == "sequence_mean":
+        rows = rows * mask.any(-1)  # only rows with a token to train count (r1jax before TRL parity)
     tokens = mask.astype(jnp.float32).sum() / M
     return rows.sum((1, 2)), tokens
 
