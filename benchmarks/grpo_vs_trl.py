@@ -9,10 +9,10 @@ weighting, as r1jax's default), Adam with the same learning rate and gradient cl
 A step is one rollout and its update: sampling, the reward, π_ref's log-probs, the loss, backward and the
 optimizer step. TRL runs `GRPOTrainer.training_step` (its generation, scoring and loss) plus the
 optimizer step its Trainer loop would take; r1jax runs `grpo_loop.Session.step`, what `r1jax train` runs.
-Blocks of `--steps` steps alternate A B A B … (`--pairs`, after one warm-up block each, which holds
-r1jax's compile); the table gives each block's steps/s and completion tokens/s, the median r1jax/TRL
-ratio and its spread (max/min of the per-pair ratios; "noisy" above 15%), and the load average before and
-after.
+Blocks of `--steps` steps alternate r1jax, TRL, … (`--pairs`, after one warm-up block each, which holds
+r1jax's compile; benchmarks/harness.py, which also pins both to the same CPUs); the table gives each
+block's steps/s and completion tokens/s, then the median r1jax/TRL ratio, its spread ((max − min) /
+median of the pair ratios; "NOISY" above 15%) and the load average before and after.
 
 The loss after the same first update: one rollout of r1jax's (same prompt, completion and advantage
 tensors on both sides), one update by each framework from the same weights, then the loss on that batch
@@ -24,11 +24,8 @@ with π_old the initial weights, computed by each.
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,6 +48,7 @@ def parse_args(argv=None):
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None, help="CPUs for each side (default: all this process may use)")
     return ap.parse_args(argv)
 
 
@@ -117,10 +115,21 @@ def trl_trainer(hf: Path, prompts: list[str], a, out: Path):
     return trainer
 
 
-class TRLSteps:
+class Blocks:
+    """`block()` runs `steps` steps and records their completion tokens (one entry per block)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.tokens = steps, []
+
+    def block(self) -> None:
+        self.tokens.append(sum(self.step() for _ in range(self.steps)))
+
+
+class TRLSteps(Blocks):
     """TRL's training step (generation, rewards, loss, backward) and the optimizer step its loop takes."""
 
-    def __init__(self, trainer):
+    def __init__(self, trainer, steps: int):
+        super().__init__(steps)
         self.t, self.batches = trainer, iter(trainer.get_train_dataloader())
 
     def step(self) -> int:
@@ -136,10 +145,11 @@ class TRLSteps:
         return int(t._buffered_inputs[0]["completion_mask"].sum())
 
 
-class R1jaxSteps:
-    def __init__(self, session):
+class R1jaxSteps(Blocks):
+    def __init__(self, session, steps: int):
         from r1jax.parallel import rules as rules_lib
 
+        super().__init__(steps)
         self.s, self.n = session, 0
         self.ctx = lambda: rules_lib.sharding_context(session.mesh, session.cfg.mesh)
         with self.ctx():
@@ -150,15 +160,6 @@ class R1jaxSteps:
             self.state, _, roll, _ = self.s.step(self.state, self.n)
         self.n += 1
         return int(roll.lengths.sum())
-
-
-def timed_block(runner, steps: int) -> tuple[float, float]:
-    """(steps/s, completion tokens/s) of `steps` steps."""
-    t0, tokens = time.perf_counter(), 0
-    for _ in range(steps):
-        tokens += runner.step()
-    dt = time.perf_counter() - t0
-    return steps / dt, tokens / dt
 
 
 def loss_after_first_update(session, trainer) -> tuple[float, float, float]:
@@ -227,43 +228,35 @@ def loss_after_first_update(session, trainer) -> tuple[float, float, float]:
 
 def main(argv=None):
     a = parse_args(argv)
+    import harness
+
+    threads = harness.pin_threads(a.threads)
     import jax
 
     jax.config.update("jax_platforms", "cpu")
-    import torch
-
-    load_before = os.getloadavg()
+    print(harness.header("benchmarks/grpo_vs_trl.py: GRPO steps, r1jax vs TRL's GRPOTrainer, one tiny Qwen2", threads))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         hf = write_hf_dir(tmp / "qwen2")
         session = r1jax_session(hf, a, tmp / "r1jax")
-        blocks = a.pairs + 1
-        texts = prompt_texts(session, blocks * a.steps + 2)
+        texts = prompt_texts(session, (a.pairs + 1) * a.steps + 2)
         trainer = trl_trainer(hf, texts, a, tmp / "trl")
         ids_r1 = [session.tok.encode(x) for x in texts[:4]]
         ids_trl = trainer.processing_class(text=texts[:4])["input_ids"]
         assert ids_r1 == ids_trl, "the two tokenizations of the prompts differ"
         print(f"model: tiny Qwen2 (hidden 64, 3 layers, vocab 512), {a.prompts} prompts x G={a.generations}, "
               f"{a.prompt_len}-token prompt bucket, {a.new_tokens} new tokens, beta={BETA}, sequence_mean/grpo; "
-              f"torch {torch.__version__} threads={torch.get_num_threads()}, jax {jax.__version__}")
-        trl, r1 = TRLSteps(trainer), R1jaxSteps(session)
-        timed_block(trl, 1), timed_block(r1, 1)  # warm-up: r1jax compiles, TRL builds its caches
-        rows = []
-        for i in range(a.pairs):
-            rows.append((timed_block(trl, a.steps), timed_block(r1, a.steps)))
-            print(f"pair {i + 1}: TRL {rows[-1][0][0]:.3f} steps/s, r1jax {rows[-1][1][0]:.3f} steps/s", flush=True)
+              f"{a.steps} steps per block; jax {jax.__version__}")
+        r1, trl = R1jaxSteps(session, a.steps), TRLSteps(trainer, a.steps)
+        cmp = harness.interleaved(r1.block, trl.block, a.pairs)  # the first block of each: warm-up (compile)
         first = loss_after_first_update(r1jax_session(hf, a, tmp / "r1jax_loss"), trainer)
-    load_after = os.getloadavg()
-    ratios = [b[0] / t[0] for t, b in rows]
-    spread = max(ratios) / min(ratios) - 1
     print()
     print("| pair | TRL steps/s | r1jax steps/s | ratio | TRL completion tok/s | r1jax completion tok/s |")
     print("|---|---:|---:|---:|---:|---:|")
-    for i, ((ts, tt), (bs, bt)) in enumerate(rows):
-        print(f"| {i + 1} | {ts:.3f} | {bs:.3f} | {bs / ts:.2f}x | {tt:.0f} | {bt:.0f} |")
-    print(f"\nr1jax / TRL per step: median {statistics.median(ratios):.2f}x, spread {spread:.0%}"
-          f"{' (noisy)' if spread > 0.15 else ''}")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} CPUs)")
+    for i, (ta, tb) in enumerate(zip(cmp.a_seconds, cmp.b_seconds)):
+        print(f"| {i + 1} | {a.steps / tb:.3f} | {a.steps / ta:.3f} | {tb / ta:.2f}x | {trl.tokens[i + 1] / tb:.0f} "
+              f"| {r1.tokens[i + 1] / ta:.0f} |")
+    print(f"\nr1jax / TRL per step: {cmp.verdict()}")
     print(f"loss after the same first update: r1jax {first[0]:.6e}, TRL {first[1]:.6e}, relative difference "
           f"{first[2]:.1e}; the update's gradient norm: r1jax {first[3]:.6e}, TRL {first[4]:.6e} "
           f"(TRL in float64: {first[5]:.6e})")

@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="sample completions for a jsonl of prompts")
     sample.add_argument("--ckpt", required=True, help="Hugging Face model directory or r1jax checkpoint")
     sample.add_argument("--prompts", required=True,
-                        help='jsonl of {"prompt_ids": [...]} or {"prompt": "text"} (text needs tokenizer.json in --ckpt)')
+                        help='jsonl of {"prompt_ids": [...]}, {"prompt": "text"} or {"messages": [...]} (text and '
+                             'messages need a tokenizer in --ckpt; messages go through its chat template)')
     sample.add_argument("--out", required=True, help="output jsonl, one row per sample")
     sample.add_argument("--max-new-tokens", type=int, default=256)
     sample.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")

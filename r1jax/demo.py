@@ -23,7 +23,7 @@ TINY_V3 = dict(
     max_position_embeddings=1024, rope_theta=10000,
     rope_scaling=dict(type="yarn", factor=4, original_max_position_embeddings=256, beta_fast=32, beta_slow=1,
                       mscale=1.0, mscale_all_dim=1.0),
-    num_nextn_predict_layers=1, dtype="float32", param_dtype="float32", moe_dispatch="ragged",
+    num_nextn_predict_layers=1, dtype="float32", param_dtype="float32",
 )
 
 

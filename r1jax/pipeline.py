@@ -133,7 +133,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
     from r1jax.data.tokenizer import load_tokenizer
 
     stage_cfgs = [resolve_stage(cfg, i) for i in range(len(cfg.stages))]  # all errors before any work
-    tok = load_tokenizer(_tokenizer_spec(stage_cfgs))
+    tok = load_tokenizer(_tokenizer_spec(stage_cfgs), getattr(stage_cfgs[0], "init_from", None))
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     records = []
     for i, (spec, stage_cfg) in enumerate(zip(cfg.stages, stage_cfgs)):
@@ -158,7 +158,7 @@ def _tokenizer_spec(stage_cfgs) -> str:
             data = getattr(c, section, None)
             if data is not None:
                 return data.tokenizer
-    return "builtin"
+    return "auto"
 
 
 def load_pipeline(path, overrides=()) -> PipelineConfig:

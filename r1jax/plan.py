@@ -40,6 +40,8 @@ from r1jax.config import GRPOConfig, ModelConfig, TrainConfig
 from r1jax.errors import ConfigError
 from r1jax.model import flash as flash_lib
 from r1jax.model import kv_cache
+from r1jax.model import moe as moe_lib
+from r1jax.model.arch import architecture
 from r1jax.model.experts import receive_rows
 from r1jax.model.params import param_table
 from r1jax.model.sharding import replicated_dims
@@ -173,6 +175,10 @@ def _moe_set(m: ModelConfig, n: float, a: int, rules, sizes) -> float:
         routed = rows * (3 * D + 3 * F) * a + n * k * D * a
     elif m.moe_dispatch == "ragged":
         routed = n * k * (2 * D + 3 * F) * a
+    elif m.moe_dispatch == "blocked":  # copies padded to whole blocks, each block's weights gathered
+        R = moe_lib.block_rows(math.ceil(n * k), E)
+        blocks = (n * k + E * (R - 1)) / R
+        routed = blocks * (R * (2 * D + 3 * F) + 3 * D * F) * a
     else:  # dense reference: every expert on every token
         routed = n * E * (D + 3 * F) * a
     return router + shared + routed + n * D * 4
@@ -308,13 +314,22 @@ def _compile_on_topology(lower, result: Plan, mesh, rules) -> None:
         result.refused = refused
 
 
+def resolved_model(m, platform: str):
+    """m with its per-backend choices (`moe_dispatch: auto`) made for `platform`, so the analytic
+    estimate, the compiled program and the report name the same strategy."""
+    if not architecture(m).has_moe:
+        return m
+    return m.replace(moe_dispatch=moe_lib.dispatch_name(m, platform))
+
+
 def plan_grpo(cfg: GRPOConfig, topology: topology_lib.Topology, *, name: str = "", sampler: bool = True) -> Plan:
     """GRPO's update compiled by XLA:TPU for `topology`, and (`sampler`) its rollout's prefill and decode
     step. The analytic side is its state (exact); the activation estimate is the train step's and is
     not repeated for the update. The rest of the state stays resident beside the rollout."""
     from r1jax.rl.grpo_update import check_mesh, micro_batches
 
-    m = cfg.model
+    m = resolved_model(cfg.model, "tpu")
+    cfg = dataclasses.replace(cfg, model=m)
     chips = topology_lib.topology_devices(topology)
     sizes = mesh_lib.mesh_shape(cfg.mesh, len(chips), topology.slices)
     check_mesh(cfg, m, sizes)
@@ -345,7 +360,8 @@ def plan(cfg: TrainConfig, devices: int, hardware: Hardware | None = None, *, na
     enough of them (and `compile`), else lowered for `hardware`'s platform on an abstract mesh. With a
     `topology`, compiled by XLA:TPU for that slice's devices (`devices` must be their number), and with
     `sample` (rows, prompt tokens, new tokens) the sampler too."""
-    m = cfg.model
+    m = resolved_model(cfg.model, "tpu" if topology is not None else
+                       hardware.platform if hardware is not None else jax.default_backend())
     sizes = mesh_lib.mesh_shape(cfg.mesh, devices, topology.slices if topology else 1)
     mesh_lib.check_train(cfg, m, sizes)
     B = cfg.data.batch_size // cfg.optimizer.grad_accum_steps

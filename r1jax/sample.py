@@ -10,6 +10,7 @@ from pathlib import Path
 
 from r1jax.api import load_pretrained
 from r1jax.config import ModelConfig
+from r1jax.data.tokenizer import load_tokenizer, model_tokenizer_dir
 from r1jax.errors import ConfigError, DataError
 from r1jax.infer.sampler import (SampleOutput, check_options, check_prompts, check_token_id, prompt_bucket,
                                  sample_rows, stop_table_of)
@@ -36,17 +37,56 @@ def _read_prompts(path, tokenizer) -> list[tuple[dict, list[int], int]]:
             ids = row["prompt_ids"]
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise DataError(f"{path}:{n}: prompt_ids must be a list of ints")
-        elif "prompt" in row:
+        elif "prompt" in row or "messages" in row:
             if tokenizer is None:
                 raise DataError(f"{path}:{n}: has a text 'prompt' but the model directory has no tokenizer.json "
                                 f"(give 'prompt_ids' instead)")
-            ids = tokenizer.encode(row["prompt"]).ids
+            ids = _prompt_ids(tokenizer, row, f"{path}:{n}")
         else:
-            raise DataError(f"{path}:{n}: needs 'prompt_ids' (or 'prompt' with a tokenizer)")
+            raise DataError(f"{path}:{n}: needs 'prompt_ids' (or 'prompt'/'messages' with a tokenizer)")
         rows.append((row, ids, n))
     if not rows:
         raise DataError(f"{path}: no prompts")
     return rows
+
+
+class _BareTokenizer:
+    """A tokenizer.json without tokenizer_config.json: no special tokens or template to go by, so text
+    prompts only and no stop ids beyond the config's."""
+
+    stop_ids = ()
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.hf = Tokenizer.from_file(str(path))
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _model_tokenizer(model_dir):
+    d = model_tokenizer_dir(model_dir)
+    if d is None:
+        return None
+    return load_tokenizer(d) if (d / "tokenizer_config.json").is_file() else _BareTokenizer(d / "tokenizer.json")
+
+
+def _prompt_ids(tokenizer, row: dict, where: str) -> list[int]:
+    """A text `prompt` is encoded as it is (with what tokenizer.json's post-processor adds, e.g. bos);
+    chat messages (`messages`, or a list as `prompt`) are rendered by the model's chat template up to
+    its generation prompt."""
+    from r1jax.data.tokenizer import encode_prompt
+
+    value = row.get("messages", row.get("prompt"))
+    if isinstance(value, str):
+        return tokenizer.hf.encode(value).ids
+    if isinstance(tokenizer, _BareTokenizer):
+        raise DataError(f"{where}: chat messages need the model's tokenizer_config.json (its chat template)")
+    try:
+        return encode_prompt(tokenizer, value)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
 
 
 def _default_stops(cfg: ModelConfig):
@@ -66,25 +106,24 @@ def _progress(total: int):
 def sample_file(model_dir, prompts_jsonl, out_jsonl, *, max_new_tokens: int, temperature: float = 1.0,
                 top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_samples: int = 1, batch_size: int = 16,
                 cache: str | None = None) -> int:
-    """Sample num_samples completions for each row of a jsonl of {"prompt_ids": [...]} (or {"prompt":
-    text} when model_dir has tokenizer.json) and write one row per sample: the input row's fields plus
-    prompt_index, sample_index, completion_ids, completion (text, with a tokenizer), logprobs,
-    finish_reason. Stops at the config's EOS. Returns the number of rows written."""
+    """Sample num_samples completions for each row of a jsonl of {"prompt_ids": [...]} (or, when model_dir
+    has a tokenizer, {"prompt": text} or chat {"messages": [...]} rendered by its chat template up to
+    the generation prompt) and write one row per sample: the input row's fields plus prompt_index,
+    sample_index, completion_ids, completion (text, with a tokenizer), logprobs, finish_reason. Stops at
+    the config's EOS and the tokenizer's stop ids. Returns the number of rows written."""
     # The architecture is known only once the model is read: accept any architecture's mode name here.
     check_options(max_new_tokens, temperature, top_p, top_k, cache, seed, ALL_MODES)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"num_samples: must be an int >= 1, got {num_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size: must be an int >= 1, got {batch_size!r}")
-    tokenizer = None
-    if (Path(model_dir) / "tokenizer.json").exists():
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    tokenizer = _model_tokenizer(model_dir)
     rows = _read_prompts(prompts_jsonl, tokenizer)
     cfg, params = load_pretrained(model_dir)
     cache = resolve_cache(cfg, cache)
     eos, extra_stops = _default_stops(cfg)
+    if tokenizer is not None:  # the chat template's end of turn (e.g. ChatML's <|im_end|>) also ends a sample
+        extra_stops = list(dict.fromkeys(extra_stops + [t for t in tokenizer.stop_ids if t != eos]))
     if eos is not None:
         check_token_id("eos_token_id (config.json)", eos, cfg)
     # Validate every prompt before the first compile.

@@ -151,7 +151,7 @@ def test_prompts_from_task_and_jsonl(tmp_path):
     (batch,) = list(it)
     assert batch["answer"].tolist() == ["4", "y"]
     assert batch["prompt"][1] == "<｜begin▁of▁sentence｜>S<｜User｜>x<｜Assistant｜><think>\n"
-    assert it.stats["skipped_rows"] == 2 and "longer than seq_len=24" in it.stats["last_skipped"]
+    assert it.stats["skipped_rows"] == 2 and "longer than data.seq_len=24" in it.stats["last_skipped"]
 
 
 def test_data_config_errors_name_the_key_path():
@@ -165,7 +165,7 @@ def test_data_config_errors_name_the_key_path():
         ({"task": {"digits": 2}}, r"^data\.task\.digits: unknown key for TaskConfig"),
         ({"sources": "a.jsonl"}, r"^data\.sources: expected a list"),
         ({"sources": ["a.jsonl", 3]}, r"^data\.sources\[1\]: expected str"),
-        ({"sources": ["task:test"]}, r"^data\.sources\[0\]: the built-in task is"),
+        ({"sources": ["task:test"]}, r"^data\.sources\[0\]: the built-in tasks are task:train, task:eval, task:code:train"),
         ({"sources": ["a", "b"], "weights": [1.0]}, r"^data\.weights: one weight per source"),
         ({"sources": ["a"], "weights": [0]}, r"^data\.weights\[0\]: must be positive"),
         ({"shard_index": 0}, r"^data\.shard_index: shard_index and shard_count"),

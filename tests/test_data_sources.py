@@ -112,8 +112,8 @@ BAD_ROWS = [
 
 
 @pytest.mark.parametrize("line, reason", [
-    (2, "not valid JSON"), (3, "missing field 'text'"), (4, "field 'text' is empty after tokenization"),
-    (5, "expected a JSON object, got list"), (6, "field 'text': expected a string, got int"),
+    (2, "not valid JSON"), (3, "missing column 'text'"), (4, "column 'text' is empty after tokenization"),
+    (5, "expected a JSON object, got list"), (6, "column 'text': expected a string, got int"),
 ])
 def test_bad_row_errors_name_file_and_line(tmp_path, line, reason):
     path = write_lines(tmp_path / "d.jsonl", [BAD_ROWS[0], BAD_ROWS[line - 1]])
@@ -130,7 +130,7 @@ def test_bad_rows_skipped_and_counted(tmp_path):
     batches = list(it)
     assert len(batches) == 2
     assert it.stats["rows"] == 2 and it.stats["skipped_rows"] == 5
-    assert it.stats["last_skipped"] == f"{path}:6: field 'text': expected a string, got int"
+    assert it.stats["last_skipped"] == f"{path}:6: column 'text': expected a string, got int"
 
 
 @pytest.mark.parametrize("row, reason", [
@@ -139,8 +139,8 @@ def test_bad_rows_skipped_and_counted(tmp_path):
      "the assistant content is empty after tokenization"),
     ({"messages": [{"role": "robot", "content": "q"}]}, r"messages\[0\]\.role: expected one of"),
     ({"messages": "hello"}, "messages: expected a non-empty list"),
-    ({"prompt": "q"}, "missing field 'completion'"),
-    ({"prompt": 3, "completion": "a"}, "field 'prompt': expected a string or a list of messages"),
+    ({"prompt": "q"}, "missing column 'completion'"),
+    ({"prompt": 3, "completion": "a"}, "column 'prompt': expected a string or a list of messages"),
 ])
 def test_sft_bad_rows(tmp_path, row, reason):
     path = write_lines(tmp_path / "d.jsonl", ['{"prompt": "q", "completion": "a"}', json.dumps(row)])

@@ -29,6 +29,9 @@ from r1jax.errors import CheckpointError, DamagedCheckpointError, describe
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Written beside a run's checkpoints (docs/chat_templates.md), sorted.
+TOKENIZER_FILES = ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+
 
 def largest_file(directory: Path) -> Path:
     """The largest file under `directory`: array data, whatever orbax's layout."""
@@ -240,7 +243,7 @@ def test_a_truncated_newest_checkpoint_resumes_from_the_one_before_bit_identical
         assert loop.train(cfg).step == 4 and len(calls) == 6  # resumed at step 2
     assert f"checkpoint step 4 rejected: {ckpt}/4: cannot be read" in caplog.text
     assert "resuming from step 2" in caplog.text
-    assert sorted(p.name for p in ckpt.iterdir()) == ["2", "4", "4.damaged", "config.yaml"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["2", "4", "4.damaged", "config.yaml", *TOKENIZER_FILES]
     resumed = _saved_tree(ckpt / "4")
     jax.tree.map(np.testing.assert_array_equal, resumed, uninterrupted)
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
@@ -364,10 +367,10 @@ def test_a_full_disk_during_train_is_one_error_and_the_run_resumes(tmp_path):
     assert re.fullmatch(rf"r1jax train: error: {ckpt}/4: saving the checkpoint failed \(.*{NO_SPACE}.*\); its "
                         rf"partial files are removed and the last complete checkpoint, step 2, is intact: a new run "
                         rf"resumes from it", line), line
-    assert report["after_full"] == ["2", "config.yaml"]  # no *.orbax-checkpoint-tmp* left
+    assert report["after_full"] == ["2", "config.yaml", *TOKENIZER_FILES]  # no *.orbax-checkpoint-tmp* left
     resumed = report["resumed"]
     assert resumed["rc"] == 0 and "completed at step 4" in resumed["stdout"], resumed["stderr"][-5000:]
-    assert report["after_resume"] == ["2", "4", "config.yaml"]
+    assert report["after_resume"] == ["2", "4", "config.yaml", *TOKENIZER_FILES]
     full = report["metrics_full"].splitlines()
     again = report["metrics_resumed"].splitlines()
     assert [json.loads(r)["step"] for r in again] == [1, 2, 3, 4]

@@ -224,6 +224,9 @@ def _fixed_rewards(column):
     return reward
 
 
+r0, r1 = _fixed_rewards("r0"), _fixed_rewards("r1")  # for r1jax by name: test_grpo_trl:r0, test_grpo_trl:r1
+
+
 # [rows, functions]: None (nan) in one function, in both, a lone valid row, equal rewards. TRL stores
 # rewards as float32, so the values are dyadic (exact in float32) for a float64 comparison.
 REWARDS = np.array([
@@ -233,17 +236,12 @@ REWARDS = np.array([
 ])
 
 
-def trl_nansum(values, weights):
-    """TRL's total: Σ w·r over the functions that scored, None only where none did (the rule the
-    rewards module follows; r1jax's RewardSet gives these totals to training_batch)."""
-    total = np.nansum(values * np.asarray(weights), axis=1)
-    return np.where(np.isnan(values).all(1), np.nan, total)
-
-
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_advantages_equal_trl(tmp_path, scale):
+    """TRL's `_generate_and_score_completions` (generation replaced by fixed completions) against r1jax's
+    RewardSet and `grpo.advantages`, rows where one, both or no reward function returned None."""
     G, weights = 4, [1.0, 0.5]
-    trainer, tok = _tiny_trl_trainer(tmp_path, G, scale, [_fixed_rewards("r0"), _fixed_rewards("r1")], weights)
+    trainer, tok = _tiny_trl_trainer(tmp_path, G, scale, [r0, r1], weights)
     N = len(REWARDS)
     ids = tok("1+1=", add_special_tokens=False)["input_ids"]
     trainer._generate = lambda prompts: ([ids] * N, [[5, 6, tok.eos_token_id]] * N, None, ["ab"] * N, None, {},
@@ -255,7 +253,14 @@ def test_advantages_equal_trl(tmp_path, scale):
     finally:
         torch.set_default_dtype(torch.float32)
     want = out["advantages"].double().numpy()
-    total = trl_nansum(REWARDS, weights)
+    # r1jax: its own RewardSet (TRL's weighted nansum; None only where no function scored), then advantages
+    from r1jax.config import RewardSpec
+    from r1jax.rl.rewards import reward_set
+
+    rs = reward_set([RewardSpec("test_grpo_trl:r0", weights[0]), RewardSpec("test_grpo_trl:r1", weights[1])])
+    totals, _ = rs(["1+1="] * N, ["ab"] * N, r0=list(REWARDS[:, 0]), r1=list(REWARDS[:, 1]))
+    total = np.array([np.nan if v is None else v for v in totals])
+    assert np.isnan(total).sum() == 4 and not np.isnan(total[1])  # one None of two functions: still scored
     with jax.enable_x64(True):
         got = np.asarray(grpo.advantages(jnp.asarray(np.nan_to_num(total).reshape(-1, G)),
                                          jnp.asarray(~np.isnan(total).reshape(-1, G)), scale=scale, eps=1e-4))

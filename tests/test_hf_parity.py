@@ -9,11 +9,11 @@ from safetensors.numpy import load_file
 import r1jax
 from hf_reference import V2_CONFIGS, V3_CONFIGS, hf_logits, make_hf_model, rel_err, to_r1jax
 
-ALL_DISPATCHES = ("ragged", "dense", "capacity")
-# The dispatch strategies each config runs against transformers. test_model.py checks that the three
-# agree, so a later-added config checks the default (dropless ragged) only, and a config without MoE
+ALL_DISPATCHES = ("auto", "ragged", "blocked", "dense", "capacity")
+# The dispatch strategies each config runs against transformers. test_model.py checks that they
+# agree, so a later-added config checks the default (auto: dropless) only, and a config without MoE
 # layers runs once (the dispatch is unused there).
-DISPATCHES = {"v3_one_group_half_split": ("ragged",), "v3_all_dense_untruncated": ("ragged",)}
+DISPATCHES = {"v3_one_group_half_split": ("auto",), "v3_all_dense_untruncated": ("auto",)}
 CASES = [("v3", k) for k in V3_CONFIGS] + [("v2", k) for k in V2_CONFIGS]
 
 
@@ -62,6 +62,7 @@ def test_hf_round_trip_is_tensor_identical(tmp_path):
     model = make_hf_model("v3", V3_CONFIGS["v3_bias_yarn_mscale"])
     model.save_pretrained(tmp_path / "a")
     cfg, params = r1jax.load_pretrained(tmp_path / "a")
+    assert cfg.moe_dispatch == "auto"  # a user loading HF weights gets the per-backend choice
     r1jax.save_pretrained(tmp_path / "b", cfg, params)
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "model.safetensors"))

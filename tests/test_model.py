@@ -150,14 +150,60 @@ def test_dispatch_strategies_agree_and_count_load():
     p, x = _moe_layer_inputs(cfg)
     seg = jnp.ones(x.shape[:2], jnp.int32)
     outs = {}
-    for name in ("dense", "ragged", "capacity"):
+    for name in ("dense", "ragged", "blocked", "capacity"):
         c = cfg.replace(moe_dispatch=name, capacity_factor=float(cfg.n_routed_experts))
         y, stats = moe.apply(p, x, seg, c)
         outs[name] = np.asarray(y)
         assert int(stats["dropped"]) == 0
         assert float(stats["load"].sum()) == x.shape[0] * x.shape[1] * cfg.num_experts_per_tok
-    np.testing.assert_allclose(outs["ragged"], outs["dense"], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(outs["capacity"], outs["dense"], rtol=1e-5, atol=1e-6)
+    for name in ("ragged", "blocked", "capacity"):
+        np.testing.assert_allclose(outs[name], outs["dense"], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("n,skew", [(1, 0.0), (3, 0.0), (40, 0.0), (40, 50.0), (300, 0.0), (300, 50.0)])
+def test_blocked_dispatch_matches_numpy_float64(n, skew):
+    """`blocked` pads each expert's run of copies to whole blocks: every token count, including one
+    token, and every load, including all copies on a few experts (a router bias of `skew` toward
+    experts 0..k-1), against the experts applied one copy at a time in float64."""
+    cfg = tiny(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    p, _ = _moe_layer_inputs(cfg)
+    x = np.random.RandomState(n).normal(0, 1, (n, cfg.hidden_size)).astype(np.float32)
+    router_bias = np.zeros(cfg.n_routed_experts, np.float32)
+    router_bias[:cfg.num_experts_per_tok] = skew
+    weights, ids, _ = moe.route({**p, "router_bias": jnp.asarray(router_bias)}, jnp.asarray(x), cfg)
+    y, dropped = moe.DISPATCH["blocked"](p["experts"], jnp.asarray(x), weights, ids, cfg)
+    e = {k: np.asarray(v, np.float64) for k, v in p["experts"].items()}
+    want = np.zeros((n, cfg.hidden_size))
+    for t in range(n):
+        for j, ex in enumerate(np.asarray(ids[t])):
+            g, u = x[t] @ e["gate"][ex], x[t] @ e["up"][ex]
+            want[t] += float(weights[t, j]) * ((g / (1 + np.exp(-g)) * u) @ e["down"][ex])
+    assert int(dropped) == 0
+    np.testing.assert_allclose(np.asarray(y), want, rtol=2e-5, atol=2e-6)
+
+
+def test_block_rows_bound_the_padding():
+    """Every split of the copies over the experts fits `_blocked`'s static block count, and the
+    padding stays under one block per expert."""
+    rng = np.random.RandomState(0)
+    for copies, experts in [(1, 16), (8, 16), (24, 8), (8192, 16), (4096 * 8, 256)]:
+        R = moe.block_rows(copies, experts)
+        assert 8 <= R <= 256 and R & (R - 1) == 0 and R <= max(8, copies / experts)
+        K = (copies + min(experts, copies) * (R - 1)) // R
+        splits = [np.bincount(rng.randint(0, experts, copies), minlength=experts) for _ in range(50)]
+        splits += [np.eye(experts, dtype=int)[0] * copies]  # all on one expert
+        if copies >= experts:  # one copy on every expert but one; each leaves a block nearly empty
+            splits.append(np.array([copies - experts + 1] + [1] * (experts - 1)))
+        for sizes in splits:
+            blocks = int(np.sum(-(-sizes // R)))
+            assert blocks <= K and blocks * R - copies < np.count_nonzero(sizes) * R
+
+
+def test_auto_dispatch_is_per_backend():
+    cfg = tiny()
+    assert cfg.moe_dispatch == "auto"
+    assert moe.dispatch_name(cfg, "cpu") == "blocked" and moe.dispatch_name(cfg, "tpu") == "ragged"
+    assert moe.dispatch_name(cfg.replace(moe_dispatch="capacity"), "cpu") == "capacity"  # named wins
 
 
 def test_capacity_drops_are_counted_like_gshard_priority():
@@ -213,7 +259,7 @@ def _loss(params, tokens, cfg):
     return ce + 0.3 * mtp / out["mtp_mask"].sum() + 1e-4 * out["moe"]["balance_loss"].sum()
 
 
-@pytest.mark.parametrize("dispatch", ["dense", "ragged", "capacity"])
+@pytest.mark.parametrize("dispatch", ["dense", "ragged", "blocked", "capacity"])
 def test_gradients_of_every_parameter_are_finite_and_nonzero(dispatch):
     cfg = tiny(moe_dispatch=dispatch, capacity_factor=8.0)
     params = sharp_params(cfg, std=0.05)
@@ -234,7 +280,7 @@ def test_dispatch_gradients_agree():
     params = sharp_params(cfg, std=0.05)
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (2, 16)), jnp.int32)
     ref = jax.grad(_loss)(params, tokens, cfg.replace(moe_dispatch="dense"))
-    for name in ("ragged", "capacity"):
+    for name in ("ragged", "blocked", "capacity"):
         g = jax.grad(_loss)(params, tokens, cfg.replace(moe_dispatch=name, capacity_factor=8.0))
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, ref)
 
@@ -257,7 +303,7 @@ def test_packed_sequences_match_each_alone():
     packed = np.concatenate([a, b, [0, 0, 0]])[None].astype(np.int32)
     seg = np.array([[1] * 9 + [2] * 6 + [0] * 3], np.int32)
     pos = np.array([list(range(9)) + list(range(6)) + [0, 0, 0]], np.int32)
-    for dispatch in ("ragged", "capacity"):
+    for dispatch in ("ragged", "blocked", "capacity"):
         c = cfg.replace(moe_dispatch=dispatch, capacity_factor=float(cfg.n_routed_experts))
         out = np.asarray(transformer.apply(params, jnp.asarray(packed), c, jnp.asarray(pos), jnp.asarray(seg))["logits"])
         alone_a = np.asarray(r1jax.forward(params, a[None], c))

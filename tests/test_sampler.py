@@ -288,7 +288,7 @@ def test_expert_parallel_capacity_samples_dropless_on_an_expert_mesh(v3):
     on_cpu = sampler.dropless(capped, mesh)
     assert on_cpu.moe_dispatch == "capacity_ep" and on_cpu.capacity_factor == 8 / 2
     assert sampler.DROPLESS["capacity_ep"](capped, "gpu").moe_dispatch == "ragged_ep"
-    assert sampler.dropless(v3.cfg.replace(moe_dispatch="capacity"), mesh).moe_dispatch == "ragged"
+    assert sampler.dropless(v3.cfg.replace(moe_dispatch="capacity"), mesh).moe_dispatch == "auto"
 
     kw = dict(max_new_tokens=M, temperature=1.0, seed=3)
     one = sampler.sample(v3.params, v3.cfg, PROMPTS, **kw)  # ragged: the dropless reference

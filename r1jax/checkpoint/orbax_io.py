@@ -137,11 +137,18 @@ def _is_step_dir(path: Path) -> bool:
     return path.name.isdigit() and (path / PARAMS_ITEM).is_dir() and (path.parent / CONFIG_FILE).is_file()
 
 
+def config_dir(directory) -> Path:
+    """The directory whose config.yaml (and tokenizer files) describe `directory`: itself, or for a
+    step directory its parent."""
+    directory = Path(directory)
+    return directory.parent if _is_step_dir(directory) else directory
+
+
 def read_model_config(directory) -> ModelConfig:
     """ModelConfig from DIR/config.yaml (of a step directory: its parent's); unknown keys and bad values
     name the file and the key."""
     directory = Path(directory)
-    f = (directory.parent if _is_step_dir(directory) else directory) / CONFIG_FILE
+    f = config_dir(directory) / CONFIG_FILE
     try:
         d = yaml.safe_load(f.read_text())
     except FileNotFoundError:

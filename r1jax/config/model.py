@@ -21,8 +21,10 @@ from r1jax.errors import ConfigError
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 DTYPES = typing.get_args(Dtype)
-# How routed experts run (r1jax/model/moe.py DISPATCH).
-MoeDispatch = Annotated[Literal["dense", "ragged", "capacity", "capacity_ep", "ragged_ep"], Choice("strategy")]
+# How routed experts run (r1jax/model/moe.py DISPATCH); "auto" (the default) is the dropless strategy
+# measured fastest on the backend the model is traced for (moe.AUTO_DISPATCH).
+MoeDispatch = Annotated[Literal["auto", "dense", "ragged", "blocked", "capacity", "capacity_ep", "ragged_ep"],
+                        Choice("strategy")]
 # What a decoder layer keeps for the backward pass (r1jax/model/transformer.py REMAT_POLICIES).
 RematPolicy = Annotated[Literal["none", "full", "dots", "dots_no_batch"], Choice("policy")]
 # How training attention and the sampler's prefill compute softmax(q·k)·v (r1jax/model/flash.py
@@ -209,7 +211,7 @@ class ModelConfig(_HFModel):
     # r1jax execution choices.
     dtype: Dtype = _r1(default="float32")
     param_dtype: Dtype = _r1(default="float32")
-    moe_dispatch: MoeDispatch = _r1(default="ragged")
+    moe_dispatch: MoeDispatch = _r1(default="auto")
     capacity_factor: float = _r1(default=1.25)
     # ragged_ep's receive buffer, in units of a device's own token copies (N·k): null sizes it for the
     # worst case (dropless); f > 0 gives ceil(f·N·k) rows, copies beyond it dropped and counted

@@ -65,6 +65,10 @@ class TaskConfig:
         need(0.0 <= self.answer_noise < 1.0, "answer_noise", f"must be in [0, 1), got {self.answer_noise}")
 
 
+# The built-in sources (r1jax/data/sources.py): the arithmetic task and the code task (code_task.py).
+TASK_SOURCES = ("task:train", "task:eval", "task:code:train", "task:code:eval")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """A grain input pipeline: sources → rows → tokens → packed [batch, seq_len] numpy batches.
@@ -77,19 +81,30 @@ class DataConfig:
     """
 
     kind: DataKind = "pretrain"
-    # Files, globs (`data/*.jsonl`) or the built-in task (`task:train`, `task:eval`).
+    # Files, globs (`data/*.jsonl`), `datasets.save_to_disk` directories, or a built-in task
+    # (`task:train`, `task:eval`; the code task `task:code:train`, `task:code:eval`).
     sources: tuple[str, ...] = ()
     # Mixing proportions, one per source; null concatenates the sources instead.
     weights: Optional[tuple[float, ...]] = None
-    # How to read files: by extension (.jsonl/.json, .parquet, .array_record) or this format for all.
-    format: Literal["auto", "jsonl", "parquet", "arrayrecord"] = "auto"
-    tokenizer: str = "builtin"  # "builtin", a tokenizer.json, or a directory holding one
+    # How to read files: by extension (.jsonl/.json, .parquet, .arrow, .array_record) or this format for all.
+    format: Literal["auto", "jsonl", "parquet", "arrow", "arrayrecord"] = "auto"
+    # "auto": the init_from model's own tokenizer and chat template when it has them, else "builtin";
+    # or a tokenizer.json, or a directory holding one (docs/chat_templates.md).
+    tokenizer: str = "auto"
     seq_len: int = 256
     batch_size: int = 8
     packing: Packing = "first_fit"
     # Examples longer than seq_len: cut into seq_len pieces (no tokens lost) or keep the first piece.
     overlong: Literal["split", "truncate"] = "split"
     text_field: str = "text"
+    # Column names, TRL's by default (docs/data.md). A prompt is a string or a list of {role, content}
+    # messages; a completion a string or a list of assistant messages.
+    prompt_field: str = "prompt"  # sft (with completion_field) and prompts
+    completion_field: str = "completion"  # sft
+    messages_field: str = "messages"  # sft: the whole conversation (used when a row has it)
+    # prompts: the gold answer (built-in `accuracy` reward, eval), also passed to rewards as `answer`;
+    # null when the data has none (e.g. code problems judged by their `tests` column).
+    answer_field: Optional[str] = "answer"
     shuffle: bool = True
     seed: int = 0
     num_epochs: Optional[int] = 1  # null: repeat forever
@@ -112,7 +127,9 @@ class DataConfig:
              f"must be null or >= 1, got {self.num_epochs}")
         need(self.worker_count >= 0, "worker_count", f"must be >= 0, got {self.worker_count}")
         need(self.read_threads >= 0, "read_threads", f"must be >= 0, got {self.read_threads}")
-        need(bool(self.text_field), "text_field", "must not be empty")
+        for key in ("text_field", "prompt_field", "completion_field", "messages_field"):
+            need(bool(getattr(self, key)), key, "must not be empty")
+        need(self.answer_field is None or bool(self.answer_field), "answer_field", "must be null or a column name")
         need((self.shard_index is None) == (self.shard_count is None), "shard_index",
              "shard_index and shard_count are set together or not at all")
         if self.shard_count is not None:
@@ -121,8 +138,8 @@ class DataConfig:
                  f"must be in [0, shard_count={self.shard_count}), got {self.shard_index}")
         for i, src in enumerate(self.sources):
             need(bool(src.strip()), f"sources[{i}]", "must not be empty")
-            need(not src.startswith("task:") or src in ("task:train", "task:eval"), f"sources[{i}]",
-                 f"the built-in task is 'task:train' or 'task:eval', got {src!r}")
+            need(not src.startswith("task:") or src in TASK_SOURCES, f"sources[{i}]",
+                 f"the built-in tasks are {', '.join(TASK_SOURCES)}; got {src!r}")
         if self.weights is not None:
             need(len(self.weights) == len(self.sources), "weights",
                  f"one weight per source: {len(self.sources)} sources, {len(self.weights)} weights")
@@ -294,6 +311,11 @@ class RewardSpec:
     label: str = ""  # metric name; default: the function name
     kwargs: FrozenDict = dataclasses.field(default_factory=FrozenDict)
 
+    @property
+    def metric_name(self) -> str:
+        """`label`, else the function's name (`pkg.mod:fn` -> `fn`), as TRL names its reward columns."""
+        return self.label or self.name.rpartition(":")[2]
+
 
 def _default_rewards():
     return (RewardSpec("accuracy", 1.0), RewardSpec("format", 0.5))
@@ -396,6 +418,12 @@ class GRPOConfig:
         need(self.eval_samples >= 1, "eval_samples", "must be >= 1")
         need(self.samples_every >= 0, "samples_every", "must be >= 0")
         need(len(self.rewards) >= 1, "rewards", "at least one reward function")
+        names = [r.metric_name for r in self.rewards]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        need(not twice, "rewards", f"two reward functions are named {twice[0]!r} in the metrics; give one a `label`"
+             if twice else "")
+        need(self.prompts.answer_field is not None or all(r.name != "accuracy" for r in self.rewards),
+             "prompts.answer_field", "is null, but the accuracy reward needs the gold answer; name its column")
         need(self.log_every >= 1, "log_every", "must be >= 1")
 
 

@@ -252,7 +252,7 @@ def orbax_to_hf(src, dst, *, max_shard_size="5GB", dtype=None, quantize=None, ov
                     for fd in writer.fds:
                         out.flush_soon(fd=fd)
                     unflushed = 0
-        hf_io.write_config_files(tmp, cfg, dtype or cfg.param_dtype, assets_from=src,
+        hf_io.write_config_files(tmp, cfg, dtype or cfg.param_dtype, assets_from=orbax_io.config_dir(src),
                                  quantization_config=fp8.QUANTIZATION_CONFIG if quantize else None)
     return Path(dst)
 

@@ -53,16 +53,17 @@ class ExamplesIterDataset(grain.IterDataset):
     with `seq_len`, long examples are split or truncated."""
 
     def __init__(self, parent: grain.IterDataset, *, on_bad_row: str, seq_len: int | None = None,
-                 overlong: str = "split"):
+                 overlong: str = "split", section: str = "data"):
         super().__init__(parent)
         if on_bad_row not in ("error", "skip"):
             raise DataError(f"on_bad_row: expected 'error' or 'skip', got {on_bad_row!r}")
         if overlong not in OVERLONG:
             raise DataError(f"overlong: expected one of {list(OVERLONG)}, got {overlong!r}")
-        self._on_bad_row, self._seq_len, self._overlong = on_bad_row, seq_len, overlong
+        self._on_bad_row, self._seq_len, self._overlong, self._section = on_bad_row, seq_len, overlong, section
 
     def __iter__(self) -> "ExamplesIterator":
-        return ExamplesIterator(self._parent.__iter__(), self._on_bad_row, self._seq_len, self._overlong)
+        return ExamplesIterator(self._parent.__iter__(), self._on_bad_row, self._seq_len, self._overlong,
+                                self._section)
 
     def __str__(self) -> str:
         return f"ExamplesIterDataset(on_bad_row={self._on_bad_row}, seq_len={self._seq_len})"
@@ -75,9 +76,10 @@ class ExamplesIterator(grain.DatasetIterator):
     """State: the parent's state just before the current row, how many of its pieces were emitted,
     and the counters as they stood before it (a restore replays that row and counts it once)."""
 
-    def __init__(self, parent: grain.DatasetIterator, on_bad_row: str, seq_len: int | None, overlong: str):
+    def __init__(self, parent: grain.DatasetIterator, on_bad_row: str, seq_len: int | None, overlong: str,
+                 section: str = "data"):
         super().__init__(parent)
-        self._on_bad_row, self._seq_len, self._overlong = on_bad_row, seq_len, overlong
+        self._on_bad_row, self._seq_len, self._overlong, self._section = on_bad_row, seq_len, overlong, section
         self._row_parent_state = self._parent.get_state()
         self._pieces: list = []
         self._next_piece = 0
@@ -95,7 +97,7 @@ class ExamplesIterator(grain.DatasetIterator):
             element = next(self._parent)
             if isinstance(element, BadRow):
                 if self._on_bad_row == "error":
-                    raise DataError(element.message() + " (data.on_bad_row=skip skips such rows)")
+                    raise DataError(element.message() + f" ({self._section}.on_bad_row=skip skips such rows)")
                 self.counts["skipped_rows"] += 1
                 self.counts["last_skipped"] = element.message()
                 continue

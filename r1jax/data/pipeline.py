@@ -16,13 +16,14 @@ a `grain.DatasetIterator`, so grain's orbax handler (`grain.checkpoint.Checkpoin
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import grain
 import numpy as np
 
 from r1jax.config import DataConfig, DataKind, check_names
-from r1jax.data.examples import RowFormatter
+from r1jax.data.examples import BadRow, Fields, RowFormatter
 from r1jax.data.packing import ExamplesIterator, ExamplesIterDataset, empty_row, pack
 from r1jax.data.sources import open_source
 from r1jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -49,8 +50,32 @@ def per_process_batch(cfg: DataConfig, shard: grain.sharding.ShardOptions) -> in
 # --------------------------------------------------------------------------- rows
 
 
-def _source_dataset(spec: str, cfg: DataConfig) -> grain.MapDataset:
-    parts = [grain.MapDataset.source(s) for s in open_source(spec, fmt=cfg.format, task=cfg.task)]
+CHECK_ROWS = 8  # rows of each source formatted up front
+
+
+def check_source(source, formatter: RowFormatter, on_bad_row: str, section: str) -> None:
+    """Format the first rows of one source now, before any model compiles, so a wrong column name
+    or format fails in a second, naming the file, the row and the key to set. With `skip`, only a
+    source whose every checked row is bad fails (its columns are surely not what the config says)."""
+    bad = []
+    for i in range(min(len(source), CHECK_ROWS)):
+        out = formatter(source[i])
+        if isinstance(out, BadRow):
+            if on_bad_row == "error":
+                raise DataError(f"{out.message()} ({section}.on_bad_row=skip skips such rows)")
+            bad.append(out)
+        elif out is not None:
+            return
+    if bad:
+        raise DataError(f"the first {len(bad)} rows of {source!r} are all unusable; the first: {bad[0].message()}")
+
+
+def _source_dataset(spec: str, cfg: DataConfig, check) -> grain.MapDataset:
+    sources = open_source(spec, fmt=cfg.format, task=cfg.task)
+    for s in sources:
+        if check is not None:
+            check(s)
+    parts = [grain.MapDataset.source(s) for s in sources]
     return parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
 
 
@@ -71,11 +96,12 @@ def _epochs(ds: grain.MapDataset, cfg: DataConfig, seed: int) -> grain.MapDatase
     return ds if cfg.num_epochs == 1 else ds.repeat(cfg.num_epochs)
 
 
-def rows_dataset(cfg: DataConfig, shard: grain.sharding.ShardOptions) -> grain.MapDataset:
-    """This process's rows (`sources.Row`) in training order: sharded, shuffled, repeated, mixed."""
+def rows_dataset(cfg: DataConfig, shard: grain.sharding.ShardOptions, check=None) -> grain.MapDataset:
+    """This process's rows (`sources.Row`) in training order: sharded, shuffled, repeated, mixed.
+    `check(source)` is called on each source as it is opened."""
     if not cfg.sources:
         raise ConfigError("sources: no data sources given")
-    parts = [_source_dataset(spec, cfg) for spec in cfg.sources]
+    parts = [_source_dataset(spec, cfg, check) for spec in cfg.sources]
     if cfg.weights is None:
         ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
         return _epochs(_shard(ds, shard, ", ".join(cfg.sources)), cfg, cfg.seed)
@@ -141,15 +167,18 @@ def _upstream(it: grain.DatasetIterator, cls: type) -> Any:
     raise AssertionError(f"pipeline has no {cls.__name__}")
 
 
-def _training_batches(ds: grain.IterDataset, cfg: DataConfig, tok: Tokenizer, rows: int) -> grain.IterDataset:
-    ds = ExamplesIterDataset(ds, on_bad_row=cfg.on_bad_row, seq_len=cfg.seq_len, overlong=cfg.overlong)
+def _training_batches(ds: grain.IterDataset, cfg: DataConfig, tok: Tokenizer, rows: int,
+                      section: str) -> grain.IterDataset:
+    ds = ExamplesIterDataset(ds, on_bad_row=cfg.on_bad_row, seq_len=cfg.seq_len, overlong=cfg.overlong,
+                             section=section)
     ds = pack(ds, cfg.packing, seq_len=cfg.seq_len, rows=rows, pad_id=tok.pad_id)
     ds = ds.batch(rows, drop_remainder=cfg.drop_remainder)
     return BatchesIterDataset(ds, rows=rows, fill=empty_row(cfg.seq_len, tok.pad_id))
 
 
-def _prompt_batches(ds: grain.IterDataset, cfg: DataConfig, tok: Tokenizer, rows: int) -> grain.IterDataset:
-    ds = ExamplesIterDataset(ds, on_bad_row=cfg.on_bad_row)
+def _prompt_batches(ds: grain.IterDataset, cfg: DataConfig, tok: Tokenizer, rows: int,
+                    section: str) -> grain.IterDataset:
+    ds = ExamplesIterDataset(ds, on_bad_row=cfg.on_bad_row, section=section)
     ds = ds.batch(rows, drop_remainder=cfg.drop_remainder)
     # A short last batch of prompts stays short: padding it would invent prompts to roll out.
     return BatchesIterDataset(ds, rows=rows, fill=None)
@@ -160,22 +189,27 @@ check_names(KINDS, DataKind, "kind")
 
 
 def build_dataset(cfg: DataConfig, tokenizer: Tokenizer | None = None, *,
-                  shard: grain.sharding.ShardOptions | None = None) -> grain.IterDataset:
-    """The grain dataset of this process's batches (see the module docstring for the stages).
+                  shard: grain.sharding.ShardOptions | None = None, section: str = "data") -> grain.IterDataset:
+    """The grain dataset of this process's batches (see the module docstring for the stages). The
+    first rows of every source are formatted here, so bad data fails now (`check_source`); errors
+    name keys under `section` (`data`, `prompts`, ...).
 
     pretrain / sft batches: int32 `inputs, targets, segment_ids, positions, loss_mask`
     `[batch_size / shard_count, seq_len]`. prompts batches: `tokens, prompt_mask` int32
-    `[rows, seq_len]` (left-padded), `answer, prompt, id` strings `[rows]`.
+    `[rows, seq_len]` (left-padded), `answer, prompt, id, messages` strings `[rows]`, and objects
+    `[rows]`: `raw_prompt` (as the data gives it) and `columns` (the reward keywords, a dict a row).
     """
     tok = tokenizer or load_tokenizer(cfg.tokenizer)
     shard = resolve_shard(cfg, shard)
     rows = per_process_batch(cfg, shard)
-    ds = rows_dataset(cfg, shard).map(RowFormatter(cfg.kind, tok, seq_len=cfg.seq_len, text_field=cfg.text_field))
+    formatter = RowFormatter(cfg.kind, tok, seq_len=cfg.seq_len, fields=Fields.of(cfg, section))
+    check = functools.partial(check_source, formatter=formatter, on_bad_row=cfg.on_bad_row, section=section)
+    ds = rows_dataset(cfg, shard, check).map(formatter)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads))
     if cfg.worker_count:
         _absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
-    return KINDS[cfg.kind](ds, cfg, tok, rows)
+    return KINDS[cfg.kind](ds, cfg, tok, rows, section)
 
 
 def _absl_flags_parsed() -> None:
@@ -188,13 +222,13 @@ def _absl_flags_parsed() -> None:
 
 
 def make_iterator(cfg: DataConfig, tokenizer: Tokenizer | None = None, *,
-                  shard: grain.sharding.ShardOptions | None = None) -> DataIterator:
+                  shard: grain.sharding.ShardOptions | None = None, section: str = "data") -> DataIterator:
     """A fresh iterator over `build_dataset(cfg)`; restore a checkpoint with `.set_state(state)`."""
-    return iter(build_dataset(cfg, tokenizer, shard=shard))
+    return iter(build_dataset(cfg, tokenizer, shard=shard, section=section))
 
 
 def make_prompt_iterator(cfg: DataConfig, tokenizer: Tokenizer | None = None, *,
-                         shard: grain.sharding.ShardOptions | None = None) -> DataIterator:
-    """RL prompt batches (`kind` forced to `prompts`) from `task:train`/`task:eval` or jsonl rows
-    with `prompt` (string or messages) and `answer`."""
-    return make_iterator(dataclasses.replace(cfg, kind="prompts"), tokenizer, shard=shard)
+                         shard: grain.sharding.ShardOptions | None = None, section: str = "prompts") -> DataIterator:
+    """RL prompt batches (`kind` forced to `prompts`) from a built-in task or rows with a prompt
+    (string or messages, column `prompt_field`) and a gold answer (`answer_field`, or none)."""
+    return make_iterator(dataclasses.replace(cfg, kind="prompts"), tokenizer, shard=shard, section=section)

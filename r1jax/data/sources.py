@@ -1,4 +1,4 @@
-"""Random-access data sources for grain: jsonl, parquet, ArrayRecord and the built-in task.
+"""Random-access data sources for grain: jsonl, parquet, Arrow, ArrayRecord and the built-in tasks.
 
 Every source is a grain `RandomAccessDataSource` (`__len__`, `__getitem__`) whose items are `Row`s:
 the record (raw bytes to parse, or an already-decoded dict) and where it came from (`file:line`), so
@@ -10,6 +10,8 @@ handles when pickled, so grain worker processes reopen them.
 - parquet (needs `pyarrow`): random access by row group, the last few row groups decoded cached.
   A global shuffle over files with large row groups decodes a row group per row; convert large
   corpora to ArrayRecord for shuffled reading.
+- Arrow (needs `pyarrow`): an IPC stream or file (`.arrow`), memory-mapped, so opening costs no
+  reading; a `datasets.save_to_disk` directory is the Arrow files its `state.json` lists.
 - ArrayRecord: grain's own `ArrayRecordDataSource`; each record is one UTF-8 JSON object.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import json
 import os
 import threading
 from pathlib import Path
@@ -26,7 +29,8 @@ import grain
 import numpy as np
 
 from r1jax.config import TaskConfig
-from r1jax.data import tasks
+from r1jax.config.stages import TASK_SOURCES
+from r1jax.data import code_task, tasks
 from r1jax.data.tokenizer import BOS, render_chat
 from r1jax.errors import DataError
 
@@ -166,6 +170,73 @@ class ParquetSource:
         return f"ParquetSource({self.path!r}, rows={len(self)})"
 
 
+# --------------------------------------------------------------------------- Arrow
+
+
+def _read_arrow(path: str):
+    """An Arrow IPC file or stream (what `datasets` writes) as a memory-mapped table."""
+    import pyarrow as pa
+
+    source = pa.memory_map(path)
+    try:
+        return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_file(source).read_all()
+
+
+class ArrowSource:
+    """Rows of an Arrow IPC file as dicts; the table is memory-mapped (pages are read when touched)."""
+
+    def __init__(self, path: str):
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise DataError(f"{path}: reading Arrow needs pyarrow (pip install pyarrow)") from None
+        self.path = str(path)
+        try:
+            self._table = _read_arrow(self.path)
+        except Exception as e:  # ArrowInvalid / OSError for bad files
+            raise DataError(f"{self.path}: not a readable Arrow file: {e}") from None
+        self.columns = tuple(self._table.column_names)
+
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def __getitem__(self, i: int) -> Row:
+        return Row(f"{self.path}:row {i}", self._table.slice(i, 1).to_pylist()[0])
+
+    def __getstate__(self):  # worker processes map the file again rather than pickling the table
+        return {"path": self.path, "columns": self.columns}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._table = _read_arrow(self.path)
+
+    def __repr__(self) -> str:
+        return f"ArrowSource({self.path!r}, rows={len(self)})"
+
+
+def dataset_dir_files(path: str) -> list[str]:
+    """A `datasets.save_to_disk` directory → its Arrow files, in order. A DatasetDict directory (one
+    sub-directory per split) is refused with the splits to choose from."""
+    d = Path(path)
+    if (d / "dataset_dict.json").is_file():
+        splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
+        raise DataError(f"{path}: a DatasetDict with splits {', '.join(splits)}; name one, e.g. "
+                        f"{d / (splits[0] if splits else 'train')}")
+    state = d / "state.json"
+    if not state.is_file():
+        raise DataError(f"{path}: a directory, but not one `datasets.save_to_disk` wrote (no state.json)")
+    try:
+        files = [d / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{state}: not a `datasets` state file ({type(e).__name__}: {e})") from None
+    if not files:
+        raise DataError(f"{path}: the dataset has no data files")
+    return [str(f) for f in files]
+
+
 # --------------------------------------------------------------------------- ArrayRecord
 
 
@@ -190,6 +261,22 @@ class ArrayRecordSource:
 
 
 # --------------------------------------------------------------------------- the built-in task
+
+
+class CodeTaskSource:
+    """Rows of the built-in code task (code_task.py): prompt, tests, solution, completion, messages."""
+
+    def __init__(self, split: str):
+        self.split = split
+
+    def __len__(self) -> int:
+        return code_task.num_rows(self.split)
+
+    def __getitem__(self, i: int) -> Row:
+        return Row(f"task:code:{self.split}:{i}", code_task.record(self.split, i))
+
+    def __repr__(self) -> str:
+        return f"CodeTaskSource({self.split!r}, rows={len(self)})"
 
 
 class TaskSource:
@@ -223,18 +310,20 @@ class TaskSource:
 
 # --------------------------------------------------------------------------- opening sources
 
-_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".array_record": "arrayrecord",
-               ".arrayrecord": "arrayrecord"}
-_READERS = {"jsonl": JsonlSource, "parquet": ParquetSource, "arrayrecord": ArrayRecordSource}
+_EXTENSIONS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow",
+               ".array_record": "arrayrecord", ".arrayrecord": "arrayrecord"}
+_READERS = {"jsonl": JsonlSource, "parquet": ParquetSource, "arrow": ArrowSource, "arrayrecord": ArrayRecordSource}
 
 
 def expand(spec: str) -> list[str]:
-    """A path or glob → sorted matching files; DataError when nothing matches."""
+    """A path, glob or `save_to_disk` directory → sorted matching files; DataError when nothing matches."""
     if glob.has_magic(spec):
         files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not files:
             raise DataError(f"{spec}: no files match")
         return files
+    if os.path.isdir(spec):
+        return dataset_dir_files(spec)
     if not os.path.isfile(spec):
         raise DataError(f"{spec}: no such file")
     return [spec]
@@ -256,5 +345,9 @@ def format_of(path: str, fmt: str = "auto") -> str:
 def open_source(spec: str, *, fmt: str = "auto", task: TaskConfig | None = None) -> list:
     """One `sources` entry → its random-access sources (one per file; one for `task:*`)."""
     if spec.startswith("task:"):
+        if spec not in TASK_SOURCES:
+            raise DataError(f"{spec}: the built-in tasks are {', '.join(TASK_SOURCES)}")
+        if spec.startswith("task:code:"):
+            return [CodeTaskSource(spec.removeprefix("task:code:"))]
         return [TaskSource(task or TaskConfig(), spec.removeprefix("task:"))]
     return [_READERS[format_of(f, fmt)](f) for f in expand(spec)]

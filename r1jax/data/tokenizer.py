@@ -1,4 +1,9 @@
-"""Tokenizer (HF `tokenizers`) and the DeepSeek-R1 chat format.
+"""Tokenizer (HF `tokenizers`) with the chat template it came with, and the DeepSeek-R1 chat format,
+the template of tokenizers that bring none (docs/chat_templates.md).
+
+A tokenizer directory (a Hugging Face model's, or one r1jax wrote) gives tokenizer.json, the special
+tokens of tokenizer_config.json (bos may be null, as in ChatML), its chat template (chat_template.jinja
+or tokenizer_config.json's `chat_template`), and the stop ids of generation_config.json.
 
 The R1 chat format (docs/deepseek_v3.md §9, and the `chat_template` of DeepSeek-R1's
 tokenizer_config.json):
@@ -19,12 +24,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
+from r1jax.data.chat_template import (
+    SPECIAL_TOKEN_NAMES, ChatTemplate, compile_template, content_spans, overlap_mask, with_turn_ends,
+)
 from r1jax.errors import DataError
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -42,8 +51,11 @@ _SPECIAL = (BOS, EOS, PAD, USER, ASSISTANT)
 _PLAIN = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 ROLES = ("system", "user", "assistant")
 
-# The same format as a Jinja chat template (written to tokenizer_config.json so transformers'
-# `apply_chat_template` renders exactly what `render_chat(..., strip_reasoning=True)` does).
+# The same format as a Jinja chat template: written to tokenizer_config.json, so transformers'
+# `apply_chat_template` renders what r1jax renders, and the template of every tokenizer that brings
+# none. Like DeepSeek-R1's own it keeps only the text after the last `</think>` of assistant turns;
+# r1jax's SFT renders with `keep_reasoning=True`, since the reasoning is what the model learns. The
+# `{% generation %}` block marks the tokens an assistant turn learns: its content and closing eos.
 CHAT_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
     "{% set ns = namespace(system='', first=true) %}"
@@ -55,26 +67,50 @@ CHAT_TEMPLATE = (
     "{%- for m in messages %}"
     "{%- if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}{%- endif %}"
     "{%- if m['role'] == 'assistant' %}{% set content = m['content'] %}"
-    "{%- if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
+    "{%- if not keep_reasoning and '</think>' in content %}{% set content = content.split('</think>')[-1] %}"
+    "{%- endif %}"
+    "{{ '<｜Assistant｜>' }}{% generation %}{{ content + eos_token }}{% endgeneration %}{%- endif %}"
     "{%- endfor %}"
     "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
 )
+R1_TEMPLATE = ChatTemplate(CHAT_TEMPLATE, (("bos_token", BOS), ("eos_token", EOS), ("pad_token", PAD)))
 
 
 class Tokenizer:
-    """A HF `tokenizers.Tokenizer` with the R1 special-token ids. Picklable (grain workers)."""
+    """A HF `tokenizers.Tokenizer` with its special tokens, chat template and stop ids. Picklable (grain
+    workers).
 
-    def __init__(self, hf: tokenizers.Tokenizer, *, bos: str = BOS, eos: str = EOS, pad: str | None = None,
-                 name: str = "tokenizer"):
+    `bos` may be None (ChatML tokenizers have none: nothing is put before a document or a chat but
+    what the template writes). `special_tokens` are the named tokens the template sees (`bos_token`,
+    `eos_token`, ...); `extra_stop_ids` end a completion besides eos (generation_config.json's
+    `eos_token_id` list); `config` is the tokenizer_config.json this was read with, written back by
+    `save` with the template and special tokens in force."""
+
+    def __init__(self, hf: tokenizers.Tokenizer, *, bos: str | None = BOS, eos: str = EOS, pad: str | None = None,
+                 name: str = "tokenizer", chat_template: str | None = None,
+                 special_tokens: Mapping[str, str] | None = None, extra_stop_ids: Sequence[int] = (),
+                 config: Mapping | None = None):
         self.hf = hf
         self.name = name
+        # One more than the largest id the tokenizer can produce: the embedding rows a model needs.
+        self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
         self.bos_token, self.eos_token = bos, eos
-        self.bos_id = self._require(bos, "bos")
+        self.bos_id = None if bos is None else self._require(bos, "bos")
         self.eos_id = self._require(eos, "eos")
         # R1 pads with eos; a dedicated pad token is used when the vocabulary has one.
         self.pad_token = pad if pad is not None else (PAD if hf.token_to_id(PAD) is not None else eos)
         self.pad_id = self._require(self.pad_token, "pad")
+        if special_tokens is None:
+            special_tokens = {"bos_token": bos, "eos_token": eos, "pad_token": self.pad_token}
+        named = {k: v for k, v in special_tokens.items() if v is not None}
+        self.template = ChatTemplate(chat_template or CHAT_TEMPLATE, tuple(named.items()))
+        compile_template(self.template.source)  # a broken template fails here, not in a reader thread
+        self.stop_ids = tuple(dict.fromkeys([self.eos_id, *map(int, extra_stop_ids)]))
+        for i in self.stop_ids:
+            if not 0 <= i < self.vocab_size:
+                raise DataError(f"{name}: stop token id {i} (generation_config.json eos_token_id) is not in the "
+                                f"vocabulary of {self.vocab_size} tokens")
+        self.config = dict(config or {})
 
     def _require(self, token: str, what: str) -> int:
         i = self.hf.token_to_id(token)
@@ -83,8 +119,8 @@ class Tokenizer:
         return i
 
     @property
-    def vocab_size(self) -> int:
-        return self.hf.get_vocab_size(with_added_tokens=True)
+    def extra_stop_ids(self) -> tuple[int, ...]:
+        return self.stop_ids[1:]
 
     def token_id(self, token: str) -> int:
         """Id of one vocabulary token (e.g. `<｜User｜>`); DataError if it is not there."""
@@ -98,27 +134,36 @@ class Tokenizer:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write tokenizer.json and an HF tokenizer_config.json (with the R1 chat template)."""
+        """Write tokenizer.json, tokenizer_config.json (special tokens and the chat template) and
+        special_tokens_map.json, as transformers' AutoTokenizer reads them."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(d / "tokenizer.json"))
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
-            "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
-            "model_max_length": 1 << 20, "chat_template": CHAT_TEMPLATE,
-        }
+        named = dict(self.template.special_tokens)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+                  "clean_up_tokenization_spaces": False, "model_max_length": 1 << 20, **self.config,
+                  "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+                  "chat_template": self.template.source}
+        for key in ("unk_token", "sep_token", "cls_token", "mask_token"):
+            if key in named:
+                config[key] = named[key]
         (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+        special = {k: config[k] for k in SPECIAL_TOKEN_NAMES if config.get(k) is not None}
+        (d / "special_tokens_map.json").write_text(json.dumps(special, indent=2, ensure_ascii=False))
+        if self.extra_stop_ids:  # kept where load_tokenizer (and transformers' generate) read them
+            generation = _read_json(d / "generation_config.json")
+            (d / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": list(self.stop_ids)},
+                                                                 indent=2, sort_keys=True))
         return d / "tokenizer.json"
 
 
 def completion_texts(tok: Tokenizer, tokens, lengths, finished) -> list[str]:
-    """Sampled completions [N, M] -> their texts: each row cut at its length, and the eos that ended a
-    finished row dropped (the text is what the model wrote, not the stop token)."""
+    """Sampled completions [N, M] -> their texts: each row cut at its length, and the stop token that
+    ended a finished row dropped (the text is what the model wrote, not the stop token)."""
     texts = []
     for row, n, done in zip(tokens, lengths, finished):
         ids = row[: int(n)].tolist()
-        if done and ids and ids[-1] == tok.eos_id:
+        if done and ids and ids[-1] in tok.stop_ids:
             ids = ids[:-1]
         texts.append(tok.decode(ids))
     return texts
@@ -149,8 +194,32 @@ def builtin_tokenizer() -> Tokenizer:
     return Tokenizer(hf, name="builtin")
 
 
-def load_tokenizer(spec: str | os.PathLike = "builtin") -> Tokenizer:
-    """"builtin", a tokenizer.json, or a directory with tokenizer.json (+ tokenizer_config.json)."""
+AUTO = "auto"
+
+
+def model_tokenizer_dir(init_from) -> Path | None:
+    """The directory holding the tokenizer of a model given as `init_from`: a Hugging Face directory or
+    r1jax model checkpoint (its own files), a run directory (its checkpoints/), a training checkpoint
+    directory or one step in it (the directory the steps are in). None when it has none."""
+    if init_from is None:
+        return None
+    p = Path(init_from)
+    for d in (p, p / "checkpoints", p.parent if p.name.isdigit() else None):
+        if d is not None and (d / "tokenizer.json").is_file():
+            return d
+    return None
+
+
+def load_tokenizer(spec: str | os.PathLike = "builtin", init_from=None) -> Tokenizer:
+    """"builtin", a tokenizer.json, or a directory with tokenizer.json (+ tokenizer_config.json,
+    chat_template.jinja, generation_config.json). "auto": the tokenizer of the `init_from` model
+    (model_tokenizer_dir) when it has one, else the built-in one."""
+    if str(spec) == AUTO:
+        found = model_tokenizer_dir(init_from)
+        if found is None and init_from is not None:  # said, since a real model's ids would be garbage
+            print(f"r1jax: {init_from} has no tokenizer.json; using the built-in tokenizer (set data.tokenizer "
+                  f"to choose one)", file=sys.stderr)
+        spec = "builtin" if found is None else found
     if str(spec) == "builtin":
         return builtin_tokenizer()
     path = Path(spec)
@@ -161,26 +230,63 @@ def load_tokenizer(spec: str | os.PathLike = "builtin") -> Tokenizer:
         hf = tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # tokenizers raises plain Exception on malformed files
         raise DataError(f"{file}: not a valid tokenizer.json: {e}") from None
-    names = _special_names(file.parent / "tokenizer_config.json")
-    return Tokenizer(hf, bos=names.get("bos_token", BOS), eos=names.get("eos_token", EOS),
-                     pad=names.get("pad_token"), name=str(file))
+    config_path = file.parent / "tokenizer_config.json"
+    config = _read_json(config_path)
+    if not config_path.is_file():  # a bare tokenizer.json: the R1 special tokens
+        return Tokenizer(hf, name=str(file), extra_stop_ids=_generation_eos_ids(file.parent))
+    named = {k: _token_text(config.get(k)) for k in SPECIAL_TOKEN_NAMES}
+    if named["eos_token"] is None:
+        raise DataError(f"{config_path}: no eos_token (completions could never end)")
+    return Tokenizer(hf, bos=named["bos_token"], eos=named["eos_token"], pad=named["pad_token"], name=str(file),
+                     chat_template=_chat_template(file.parent, config), special_tokens=named,
+                     extra_stop_ids=_generation_eos_ids(file.parent),
+                     config={k: v for k, v in config.items() if k != "chat_template"})
 
 
-def _special_names(config_path: Path) -> dict[str, str]:
-    """bos/eos/pad token strings from an HF tokenizer_config.json (plain or AddedToken dicts)."""
-    if not config_path.is_file():
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
         return {}
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{config_path}: not valid JSON: {e}") from None
-    out = {}
-    for key in ("bos_token", "eos_token", "pad_token"):
-        v = config.get(key)
-        v = v.get("content") if isinstance(v, Mapping) else v
-        if isinstance(v, str):
-            out[key] = v
-    return out
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def _token_text(v) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, an AddedToken dict, or null."""
+    v = v.get("content") if isinstance(v, Mapping) else v
+    return v if isinstance(v, str) else None
+
+
+def _chat_template(directory: Path, config: Mapping) -> str | None:
+    """The default template, where transformers looks for it: chat_template.jinja, else the config's
+    `chat_template` (a string, or a list of {name, template})."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text()
+    t = config.get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, Mapping)}
+        if "default" not in named:
+            raise DataError(f"{directory / 'tokenizer_config.json'}: chat_template: several templates "
+                            f"({', '.join(map(str, named))}) and none named default")
+        t = named["default"]
+    if t is not None and not isinstance(t, str):
+        raise DataError(f"{directory / 'tokenizer_config.json'}: chat_template: expected a string, "
+                        f"got {type(t).__name__}")
+    return t
+
+
+def _generation_eos_ids(directory: Path) -> list[int]:
+    """generation_config.json's eos_token_id (an id or a list of them: all end a completion)."""
+    ids = _read_json(directory / "generation_config.json").get("eos_token_id")
+    ids = [ids] if isinstance(ids, int) else ids or []
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise DataError(f"{directory / 'generation_config.json'}: eos_token_id: expected an id or a list of ids, "
+                        f"got {ids!r}")
+    return ids
 
 
 # --------------------------------------------------------------------------- chat format
@@ -205,50 +311,28 @@ def drop_reasoning(content: str) -> str:
     return content.split(THINK_CLOSE)[-1]
 
 
-def _system_text(messages) -> str:
-    return "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-
-
 def render_chat(messages, *, add_generation_prompt: bool = False, strip_reasoning: bool = False) -> str:
     """Messages → the R1 chat string (bos first, each assistant turn closed by eos)."""
-    messages = check_messages(messages)
-    out = [BOS, _system_text(messages)]
-    for m in messages:
-        if m["role"] == "user":
-            out += [USER, m["content"]]
-        elif m["role"] == "assistant":
-            content = drop_reasoning(m["content"]) if strip_reasoning else m["content"]
-            out += [ASSISTANT, content, EOS]
-    if add_generation_prompt:
-        out.append(GENERATION_PROMPT)
-    return "".join(out)
+    return R1_TEMPLATE.render(check_messages(messages), add_generation_prompt=add_generation_prompt,
+                              keep_reasoning=not strip_reasoning).text
 
 
 def encode_chat(tok: Tokenizer, messages) -> tuple[list[int], list[int]]:
-    """Messages → (ids, loss_mask): mask 1 exactly on assistant content tokens and their closing eos.
+    """Messages → (ids, loss_mask) by the tokenizer's chat template (reasoning kept).
 
-    Encoded piece by piece; every boundary is a special token, which the tokenizer splits on anyway,
-    so the ids equal `tok.encode(render_chat(messages))`.
-    """
+    The ids are `tok.encode` of the rendered text (transformers' `apply_chat_template`). The mask is 1
+    on the `{% generation %}` blocks' tokens (its `return_assistant_tokens_mask`); a template without
+    them learns each assistant message's content and the end-of-turn token after it."""
     messages = check_messages(messages)
-    user, assistant = tok.token_id(USER), tok.token_id(ASSISTANT)
-    ids, mask = [tok.bos_id], [0]
-
-    def add(piece: list[int], m: int):
-        ids.extend(piece)
-        mask.extend([m] * len(piece))
-
-    add(tok.encode(_system_text(messages)), 0)
-    for m in messages:
-        if m["role"] == "user":
-            add([user] + tok.encode(m["content"]), 0)
-        elif m["role"] == "assistant":
-            add([assistant], 0)
-            add(tok.encode(m["content"]) + [tok.eos_id], 1)
-    return ids, mask
+    rendered = tok.template.render(messages, keep_reasoning=True)
+    enc = tok.hf.encode(rendered.text, add_special_tokens=False)
+    if tok.template.has_generation_tags:
+        return enc.ids, overlap_mask(enc.offsets, rendered.spans)
+    spans = content_spans(tok.template, messages, rendered.text, keep_reasoning=True)
+    return enc.ids, with_turn_ends(overlap_mask(enc.offsets, spans), enc.ids, tok.stop_ids)
 
 
 def encode_prompt(tok: Tokenizer, messages) -> list[int]:
-    """Prompt messages → ids ending in the generation prompt `<｜Assistant｜><think>\\n`."""
+    """Prompt messages → ids ending in the template's generation prompt (for R1 `<｜Assistant｜><think>\\n`)."""
     messages = check_messages(messages)
-    return tok.encode(render_chat(messages, add_generation_prompt=True, strip_reasoning=True))
+    return tok.encode(tok.template.render(messages, add_generation_prompt=True).text)

@@ -17,6 +17,7 @@ from r1jax.data.tokenizer import completion_texts, load_tokenizer
 from r1jax.eval.metrics import evaluate, format_table, results_table, write_jsonl
 from r1jax.infer import sampler
 from r1jax.parallel import mesh as mesh_lib
+from r1jax.train.run import check_vocab
 
 # verify(gold answer: str, completion: str) -> bool. The built-in: the completion's final answer
 # (<answer>, \boxed{} or after </think>) equals the gold one, integers compared as integers.
@@ -50,7 +51,8 @@ def evaluate_model(params, model_cfg: ModelConfig, prompts: DataConfig, tok, *, 
         if not rep:
             continue
         out = sampler.sample(params, model_cfg, rep, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, seed=seed + len(problems), eos_id=tok.eos_id, mesh=mesh)
+                             top_p=top_p, seed=seed + len(problems), eos_id=tok.eos_id,
+                             stop_ids=tok.extra_stop_ids or None, mesh=mesh)
         texts = completion_texts(tok, out.tokens, out.lengths, out.finished)
         lengths.extend(int(n) for n in out.lengths)
         for j, i in enumerate(keep):
@@ -73,8 +75,9 @@ def run_eval(cfg) -> dict:
     mesh = mesh_lib.build_mesh(cfg.mesh)
     mesh_lib.check_model(api.read_config(cfg.model), dict(mesh.shape))  # before loading any weight
     verify = resolve_verifier(cfg.verifier)  # checked at config load too; imported before any weight
+    tok = load_tokenizer(cfg.prompts.tokenizer, cfg.model)
+    check_vocab(tok, api.read_config(cfg.model), cfg.model)
     model_cfg, params = api.load_pretrained(cfg.model, mesh=mesh)
-    tok = load_tokenizer(cfg.prompts.tokenizer)
     summary, records = evaluate_model(params, model_cfg, cfg.prompts, tok, num_samples=cfg.num_samples,
                                       temperature=cfg.temperature, top_p=cfg.top_p,
                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,

@@ -100,7 +100,7 @@ def _dropless_expert_parallel(cfg: ModelConfig, platform: str) -> ModelConfig:
 
 # Token-dropping MoE dispatch strategy -> (cfg, platform) -> the dropless config the sampler runs.
 DROPLESS = {
-    "capacity": lambda cfg, platform: cfg.replace(moe_dispatch="ragged"),
+    "capacity": lambda cfg, platform: cfg.replace(moe_dispatch="auto"),
     "capacity_ep": _dropless_expert_parallel,
     # A bounded receive buffer (ragged_buffer_factor) drops; the worst-case one does not.
     "ragged_ep": lambda cfg, platform: cfg.replace(ragged_buffer_factor=None),

@@ -1,10 +1,12 @@
 """DeepSeekMoE: shared experts + fine-grained routed experts (V2 §2.2, V3 §2.1.2).
 
 Legend: B batch · T positions · N tokens (B·T) · D model · E routed experts · k experts per token
-· G expert groups · F expert ffn hidden · C capacity per expert · S segments.
+· G expert groups · F expert ffn hidden · C capacity per expert · S segments · M token copies (N·k)
+· K blocks · R rows per block.
 
-`route` picks experts; a dispatch strategy from `DISPATCH` runs them; `apply` adds the shared
-experts and returns load statistics for balancing.
+`route` picks experts; a dispatch strategy from `DISPATCH` runs them (`moe_dispatch: auto`, the
+default, takes the one measured fastest among the dropless strategies on the backend it is traced
+for: `AUTO_DISPATCH`); `apply` adds the shared experts and returns load statistics for balancing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import r1jax.model.experts as experts
+from r1jax.model.kernels import platform
 from r1jax.config import ModelConfig, MoeDispatch, check_names
 from r1jax.model.layers import swiglu
 
@@ -93,6 +96,44 @@ def _ragged(p, x, weights, ids, cfg, ffn=_local_ragged_ffn):
     return jnp.zeros((N, x.shape[1]), jnp.float32).at[token].add(out), dropped
 
 
+def block_rows(num_copies: int, num_experts: int) -> int:
+    """Rows per block of `_blocked`: a power of two near half an expert's mean share of the copies,
+    8..256. Large enough that each block's matmul runs near the machine's matmul rate, small enough
+    that the padding (under one block per expert) stays a fraction of the work."""
+    target = min(256.0, num_copies / num_experts / 2)
+    return max(8, 1 << max(0, math.floor(math.log2(max(target, 1.0)))))
+
+
+def _blocked(p, x, weights, ids, cfg):
+    """Dropless grouped matmul without a grouped-matmul kernel (CPU): copies sorted by expert, each
+    expert's run padded to whole blocks of R rows, every block multiplied by its own expert's weights
+    (one batched matmul over the K blocks, each block's weights gathered). Work: the copies plus under
+    one block of padding per expert, where `ragged_dot`'s CPU lowering runs every expert on every row."""
+    N, k = ids.shape
+    E, M = cfg.n_routed_experts, N * k
+    R = block_rows(M, E)
+    K = (M + min(E, M) * (R - 1)) // R  # Σ_e ceil(size_e / R) can not exceed this
+    flat = ids.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    sizes = jnp.bincount(flat, length=E)
+    blocks = (sizes + R - 1) // R
+    blocks_end = jnp.cumsum(blocks)
+    expert = flat[order]
+    rank = jnp.arange(M) - (jnp.cumsum(sizes) - sizes)[expert]  # place among its expert's copies
+    slot = (blocks_end - blocks)[expert] * R + rank
+    token = order // k
+    buf = jnp.zeros((K * R, x.shape[1]), x.dtype).at[slot].set(x[token], unique_indices=True,
+                                                                 mode="promise_in_bounds")
+    # Blocks past the last expert's run hold zeros; any expert's weights do for them.
+    block_expert = jnp.minimum(jnp.searchsorted(blocks_end, jnp.arange(K), side="right"), E - 1)
+    w = {n: jnp.take(p[n], block_expert, axis=0, mode="clip") for n in ("gate", "up", "down")}
+    buf = buf.reshape(K, R, -1)
+    h = jax.nn.silu(jnp.einsum("KRD,KDF->KRF", buf, w["gate"])) * jnp.einsum("KRD,KDF->KRF", buf, w["up"])
+    out = jnp.einsum("KRF,KFD->KRD", h, w["down"]).reshape(K * R, -1)
+    rows = jnp.take(out, slot, axis=0, mode="clip").astype(jnp.float32) * weights.reshape(-1)[order][:, None]
+    return jnp.zeros((N, x.shape[1]), jnp.float32).at[token].add(rows), jnp.int32(0)
+
+
 def capacity(num_tokens: int, cfg: ModelConfig) -> int:
     """Slots per expert: ceil(capacity_factor · N·k / E)."""
     return max(1, math.ceil(cfg.capacity_factor * num_tokens * cfg.num_experts_per_tok / cfg.n_routed_experts))
@@ -128,11 +169,23 @@ def _capacity(p, x, weights, ids, cfg, ffn=_grouped_ffn):
 DISPATCH = {
     "dense": _dense,
     "ragged": _ragged,
+    "blocked": _blocked,
     "capacity": _capacity,
     "capacity_ep": experts.expert_parallel(_capacity, experts.exchange_slots(_grouped_ffn)),
     "ragged_ep": experts.expert_parallel(_ragged, experts.exchange_ragged(_ragged_ffn)),
 }
-check_names(DISPATCH, MoeDispatch, "moe_dispatch")
+# `moe_dispatch: auto` -> the strategy per backend: the fastest dropless one where it was measured
+# (CPU: benchmarks/README.md, "MoE dispatch"); TPU and GPU take `ragged`, whose grouped matmul XLA
+# compiles natively there (not timed here: no accelerator ran these benchmarks).
+AUTO_DISPATCH = {"cpu": "blocked", "tpu": "ragged", "gpu": "ragged", "cuda": "ragged", "rocm": "ragged"}
+check_names(dict(DISPATCH, auto=None), MoeDispatch, "moe_dispatch")
+
+
+def dispatch_name(cfg: ModelConfig, where: str | None = None) -> str:
+    """The strategy cfg runs on platform `where` (default: the one being traced for)."""
+    if cfg.moe_dispatch != "auto":
+        return cfg.moe_dispatch
+    return AUTO_DISPATCH.get(where or platform(), "ragged")
 
 
 # --------------------------------------------------------------------------- the layer
@@ -167,7 +220,7 @@ def apply(p: dict, x: jax.Array, segment_ids: jax.Array, cfg: ModelConfig) -> tu
     B, T, D = x.shape
     flat = x.reshape(B * T, D)
     weights, ids, scores = route(p, flat, cfg)
-    routed, dropped = DISPATCH[cfg.moe_dispatch](p["experts"], flat, weights, ids, cfg)
+    routed, dropped = DISPATCH[dispatch_name(cfg)](p["experts"], flat, weights, ids, cfg)
     y = routed.astype(x.dtype).reshape(B, T, D)
     if "shared" in p:
         y = y + swiglu(p["shared"], x)

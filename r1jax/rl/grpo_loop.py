@@ -6,8 +6,9 @@ params pytree in one process (no weight copy, identical MoE routing code).
 Every run is a mesh run, like SFT's (`train/loop.py`): the state lives in the shardings the rules give
 it, the sampler splits the rollout rows over the batch axes (data×fsdp×expert) and reads the params
 where they lie, and the training batch is split the same way. Every process computes the same rollout
-(whole prompt batch, replicated sampler output, same rewards), so host-side decisions (dynamic sampling
-rounds, padding) agree without communication; only process 0 writes files other than checkpoints."""
+(whole prompt batch, replicated sampler output, the same rewards: each process scores a block of
+the rows and one all-gather shares the scores), so host-side decisions (dynamic sampling rounds,
+padding) agree; only process 0 writes files other than checkpoints."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from r1jax.config import GRPOConfig
 from r1jax.data.pipeline import make_prompt_iterator
@@ -53,24 +55,36 @@ class Rollout:
     answers: list
 
 
-def _sample_groups(params, model_cfg, cfg: GRPOConfig, batch, tok, reward_set, seed, mesh=None):
-    """-> (Rollout, seconds sampling, seconds scoring: detokenizing and the reward functions)."""
+def _allgather(x: np.ndarray) -> np.ndarray:
+    """[count, *x.shape] from every process; float32 on the wire (the rewards TRL gathers are too)."""
+    return np.asarray(multihost_utils.process_allgather(x.astype(np.float32)), np.float64)
+
+
+def _sample_groups(params, model_cfg, cfg: GRPOConfig, batch, tok, reward_set, seed, mesh=None, step: int = 0):
+    """-> (Rollout, seconds sampling, seconds scoring: detokenizing and the reward functions).
+    Each process scores its block of the rows and the scores are gathered once (rewards.score_split)."""
     G = cfg.num_generations
     rows = prompt_rows(batch)
     rep = [r for r in rows for _ in range(G)]
     t0 = time.perf_counter()
     out = sampler.sample(params, model_cfg, rep, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, eos_id=tok.eos_id, mesh=mesh, rules=cfg.mesh,
+                         top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, eos_id=tok.eos_id,
+                         stop_ids=tok.extra_stop_ids or None, mesh=mesh, rules=cfg.mesh,
                          bucket=cfg.prompts.seq_len)
     t1 = time.perf_counter()
     texts = completion_texts(tok, out.tokens, out.lengths, out.finished)
     prompts_text = [tok.decode(r) for r in rep]
     answers = [str(a) if str(a) else None for a in batch["answer"] for _ in range(G)]
-    total, per = reward_set(prompts_text, texts, answers=answers, completion_lengths=out.lengths.tolist(),
-                            truncated=(~out.finished).tolist())
-    r = np.array([np.nan if v is None else v for v in total], np.float64)
+    lengths = out.lengths.tolist()
+    prompts, completions, fields = rewards_lib.rollout_inputs(
+        batch, G, texts, [row[:n].tolist() for row, n in zip(out.tokens, lengths)], (~out.finished).tolist(),
+        prompts_text)
+    scores = rewards_lib.score_split(reward_set, prompts, completions, fields, rewards_lib.context(step, cfg.steps),
+                                     process_index=jax.process_index(), process_count=jax.process_count(),
+                                     gather=_allgather)
+    r, per = reward_set.combine(scores), reward_set.per_function(scores)
     if cfg.overlong == "soft":
-        pen = rewards_lib.overlong_penalty(prompts_text, texts, completion_lengths=out.lengths.tolist(),
+        pen = rewards_lib.overlong_penalty(prompts, completions, completion_lengths=lengths,
                                            max_length=cfg.max_new_tokens, cache_length=cfg.overlong_cache_length)
         per["overlong_penalty"] = pen
         r = r + np.array(pen)
@@ -111,7 +125,7 @@ def rollout(params, model_cfg, cfg: GRPOConfig, prompt_it, tok, reward_set, step
     for rnd in range(cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
         batch = next(prompt_it)
         seed = int(np.uint32(hash((cfg.seed, step, rnd)) & 0xFFFFFFFF))
-        roll, ts, tr = _sample_groups(params, model_cfg, cfg, batch, tok, reward_set, seed, mesh)
+        roll, ts, tr = _sample_groups(params, model_cfg, cfg, batch, tok, reward_set, seed, mesh, step)
         t_sample, t_reward = t_sample + ts, t_reward + tr
         zv = _zero_variance(roll, G)
         zero_var += int(zv.sum())
@@ -255,8 +269,8 @@ def prepare(cfg: GRPOConfig, devices=None) -> Session:
     before anything is compiled."""
     mesh, model_cfg, params = mesh_and_model(cfg, devices)
     check_mesh(cfg, model_cfg, rules_lib.mesh_sizes(mesh))
-    tok = load_tokenizer(cfg.prompts.tokenizer)
-    check_vocab(tok, model_cfg)
+    tok = load_tokenizer(cfg.prompts.tokenizer, cfg.init_from)
+    check_vocab(tok, model_cfg, cfg.init_from)
     reward_set = rewards_lib.reward_set(cfg.rewards)
     # Every process reads the whole prompt batch: rollouts are identical everywhere (see `rollout`).
     prompt_it = make_prompt_iterator(cfg.prompts, tok, shard=grain.sharding.NoSharding())
@@ -278,7 +292,7 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
     if cfg.eval_prompts is not None:
         eval_prompts = dataclasses.replace(cfg.eval_prompts, shard_index=0, shard_count=1)
 
-    with Run(cfg, s.model_cfg, s.prompt_it) as run, rules_lib.sharding_context(s.mesh, cfg.mesh):
+    with Run(cfg, s.model_cfg, s.prompt_it, s.tok) as run, rules_lib.sharding_context(s.mesh, cfg.mesh):
         state, step = run.start(s.params, lambda p: init_state(p, s.tx, cfg), s.abstract, s.state_sh)
         s.params = None
         last = {}

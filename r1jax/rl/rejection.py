@@ -25,11 +25,11 @@ def _keep(prompt: str, completion: str, answer, n_tokens: int, finished: bool, c
         return "truncated"
     if n_tokens < cfg.min_tokens:
         return "too_short"
-    if answer is None or rewards.accuracy([prompt], [completion], answers=[answer])[0] != 1.0:
+    if answer is None or rewards.accuracy([prompt], [completion], answer=[answer])[0] != 1.0:
         return "incorrect"
-    if cfg.require_format and rewards.format_reward([prompt], [completion])[0] != 1.0:
+    if cfg.require_format and rewards.format_reward([prompt], [completion], prompt_texts=[prompt])[0] != 1.0:
         return "format"
-    share = rewards.language_consistency([prompt], [completion], language=cfg.language)[0]
+    share = rewards.language_consistency([prompt], [completion], prompt_texts=[prompt], language=cfg.language)[0]
     if share < cfg.min_language_share:
         return "language"
     return None
@@ -71,7 +71,8 @@ def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, 
             rep = [r for r in rows for _ in range(cfg.num_samples)]
             out = sampler.sample(params, model_cfg, rep, max_new_tokens=cfg.max_new_tokens,
                                  temperature=cfg.temperature, top_p=cfg.top_p,
-                                 seed=cfg.seed + stats["prompts"], eos_id=tok.eos_id)
+                                 seed=cfg.seed + stats["prompts"], eos_id=tok.eos_id,
+                                 stop_ids=tok.extra_stop_ids or None)
             texts = completion_texts(tok, out.tokens, out.lengths, out.finished)
             for p, row in enumerate(rows):
                 if cfg.max_prompts is not None and stats["prompts"] >= cfg.max_prompts:

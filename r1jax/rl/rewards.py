@@ -1,24 +1,32 @@
-"""Rule-based rewards for GRPO (R1 uses no neural reward model for reasoning; grpo spec).
+"""Rule-based rewards for GRPO (R1 uses no neural reward model for reasoning; grpo spec), called
+as TRL's GRPOTrainer calls reward functions (docs/data.md "Rewards"), so a function written for TRL
+runs unchanged:
 
-Every reward function has one signature:
+    fn(prompts=..., completions=..., completion_ids=..., **columns, trainer_state=..., log_extra=...,
+       log_metric=..., completion_lengths=..., truncated=..., prompt_texts=...) -> list[float | None]
 
-    fn(prompts: list[str], completions: list[str], **fields) -> list[float | None]
-
-`fields` always holds `answers` (gold answer strings or None), `completion_lengths` (tokens) and
-`truncated` (bool per completion); datasets may add more (e.g. `tests` for code). None means "cannot
-be judged" (an unparseable gold answer): the sample is left out of the update. Custom rewards are
-named by dotted path, `mypackage.rewards:my_fn`, and take the same arguments plus their own keyword
-options from the config.
+`prompts` are the prompts as the data gives them (strings, or lists of messages for conversational
+data); `completions` strings, or for conversational data one assistant message a completion
+(`[{"role": "assistant", "content": text}]`); `completion_ids` the sampled token ids (the stop token
+included). Every other column of the row is a keyword (the gold answer also as `answer`). r1jax
+adds `completion_lengths`, `truncated` and `prompt_texts` (the prompt as the model saw it, rendered).
+None means "cannot be judged". Several functions combine as TRL combines them: the weighted sum of
+the values that are not None (`nansum`), None only where every function returned None. Custom
+rewards are named `package.module:function` and get their config `kwargs` too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
 
 from r1jax import plugins
+from r1jax.data.examples import RESERVED_COLUMNS, is_conversational
 from r1jax.data.tasks import answers_match, extract_answer, is_integer
 from r1jax.errors import ConfigError, R1JaxError
 from r1jax.rl import sandbox
@@ -30,10 +38,19 @@ class RewardError(R1JaxError):
     """A reward function failed; names the function."""
 
 
-def _with_think_prefix(prompt: str, completion: str) -> str:
-    """R1's generation prompt ends in `<think>\\n`, so the completion starts inside the reasoning."""
-    stripped = prompt.rstrip("\n")
-    return (THINK_OPEN + "\n" + completion) if stripped.endswith(THINK_OPEN) else completion
+def content(completion) -> str:
+    """A completion's text: the string itself, or the content of its assistant message(s)."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content") or "" for m in completion)
+
+
+def _texts(completions, prompt_texts) -> list[str]:
+    """The completions' texts, opened with `<think>\\n` where the rendered prompt ended in it (R1's
+    generation prompt does, so the completion starts inside the reasoning)."""
+    prompt_texts = prompt_texts or [""] * len(completions)
+    return [(THINK_OPEN + "\n" + content(c)) if p.rstrip("\n").endswith(THINK_OPEN) else content(c)
+            for p, c in zip(prompt_texts, completions)]
 
 
 def _math_verify(gold: str, answer: str) -> bool | None:
@@ -53,11 +70,11 @@ def _math_verify(gold: str, answer: str) -> bool | None:
     return bool(a) and verify(g, a, timeout_seconds=timeout)
 
 
-def accuracy(prompts, completions, *, answers, **_) -> list[float | None]:
-    """1 if the final answer (<answer>, \\boxed{} or the text after </think>) equals the gold answer
-    by math-verify, 0 otherwise; None when the gold answer cannot be parsed."""
+def accuracy(prompts, completions, *, answer, **_) -> list[float | None]:
+    """1 if the final answer (<answer>, \\boxed{} or the text after </think>) equals the gold `answer`
+    by math-verify, 0 otherwise; None when there is no gold answer or it cannot be parsed."""
     out = []
-    for completion, gold in zip(completions, answers):
+    for completion, gold in zip(map(content, completions), answer):
         if gold is None or not str(gold).strip():
             out.append(None)
             continue
@@ -74,12 +91,11 @@ def accuracy(prompts, completions, *, answers, **_) -> list[float | None]:
 _FORMAT = re.compile(r"^<think>\n?(?P<think>.*?)\n?</think>\s*(?P<answer>\S.*?)\s*$", re.DOTALL)
 
 
-def format_reward(prompts, completions, **_) -> list[float]:
+def format_reward(prompts, completions, *, prompt_texts=None, **_) -> list[float]:
     """1 if the text is `<think>…</think>` then a non-empty answer, each think tag exactly once and
     any <answer> tags exactly once each (repeated blocks were a known reward hack), else 0."""
     out = []
-    for prompt, completion in zip(prompts, completions):
-        text = _with_think_prefix(prompt, completion)
+    for text in _texts(completions, prompt_texts):
         ok = (text.count(THINK_OPEN) == 1 and text.count(THINK_CLOSE) == 1 and _FORMAT.match(text) is not None
               and text.count(ANSWER_OPEN) == text.count(ANSWER_CLOSE) <= 1)
         if ok and ANSWER_OPEN in text:
@@ -88,10 +104,10 @@ def format_reward(prompts, completions, **_) -> list[float]:
     return out
 
 
-def tag_count(prompts, completions, **_) -> list[float]:
+def tag_count(prompts, completions, *, prompt_texts=None, **_) -> list[float]:
     """Partial credit: 0.25 for each of <think>, </think>, <answer>, </answer> used exactly once."""
     tags = (THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
-    return [sum(0.25 for t in tags if _with_think_prefix(p, c).count(t) == 1) for p, c in zip(prompts, completions)]
+    return [sum(0.25 for t in tags if text.count(t) == 1) for text in _texts(completions, prompt_texts)]
 
 
 _SCRIPTS = {
@@ -101,15 +117,14 @@ _SCRIPTS = {
 }
 
 
-def language_consistency(prompts, completions, *, language: str = "latin", **_) -> list[float]:
+def language_consistency(prompts, completions, *, language: str = "latin", prompt_texts=None, **_) -> list[float]:
     """Share of the chain-of-thought's words written in the target script (R1 §2.3.2). Digits and
     symbols are not words; a reasoning with no words scores 1."""
     if language not in _SCRIPTS:
         raise ConfigError(f"rewards.language_consistency.language: one of {sorted(_SCRIPTS)}, got {language!r}")
     pattern = _SCRIPTS[language]
     out = []
-    for prompt, completion in zip(prompts, completions):
-        text = _with_think_prefix(prompt, completion)
+    for text in _texts(completions, prompt_texts):
         m = re.search(r"<think>(.*?)(</think>|$)", text, re.DOTALL)
         words = [w for w in re.findall(r"[^\W\d_]+", m.group(1) if m else text)]
         out.append(1.0 if not words else sum(bool(pattern.match(w)) for w in words) / len(words))
@@ -144,6 +159,20 @@ def extract_code(completion: str) -> str | None:
     return blocks[-1] if blocks else None
 
 
+def _cases(tests) -> list:
+    """A row's test cases: a list of {input, output}, or that list as JSON text."""
+    if isinstance(tests, str):
+        try:
+            tests = json.loads(tests)
+        except ValueError:
+            raise RewardError("code: a `tests` value is text but not JSON") from None
+    if tests is None:
+        return []
+    if not isinstance(tests, Sequence) or not all(isinstance(c, Mapping) for c in tests):
+        raise RewardError(f"code: `tests` must be a list of {{input, output}} objects, got {type(tests).__name__}")
+    return list(tests)
+
+
 def code(prompts, completions, *, tests, all_or_nothing: bool = False, cpu_seconds: int = 5,
          wall_seconds: float = 10.0, memory_mb: int = 512, disk_mb: int = 64, max_concurrency: int = 4,
          allow_weak_isolation: bool = False, **_) -> list[float | None]:
@@ -153,8 +182,9 @@ def code(prompts, completions, *, tests, all_or_nothing: bool = False, cpu_secon
     limits = sandbox.SandboxLimits(cpu_seconds=cpu_seconds, wall_seconds=wall_seconds,
                                    memory_bytes=memory_mb * 2**20, disk_bytes=disk_mb * 2**20,
                                    allow_weak_isolation=allow_weak_isolation)
+    tests = [_cases(t) for t in tests]
     jobs, owners = [], []
-    for i, (completion, cases) in enumerate(zip(completions, tests)):
+    for i, (completion, cases) in enumerate(zip(map(content, completions), tests)):
         src = extract_code(completion)
         if src is None or not cases:
             continue
@@ -191,34 +221,115 @@ def resolve(name: str) -> Callable:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrainerState:
+    """The part of TRL's `trainer_state` a reward function shaping by progress reads."""
+
+    global_step: int = 0
+    max_steps: int = 0
+
+
+def _ignore(*_, **__) -> None:
+    """TRL's `log_extra` / `log_metric`: accepted so TRL rewards run; r1jax does not log them yet."""
+
+
+def context(step: int = 0, max_steps: int = 0) -> dict:
+    """The keywords TRL passes every reward besides the rows: trainer_state, log_extra, log_metric."""
+    return {"trainer_state": TrainerState(step, max_steps), "log_extra": _ignore, "log_metric": _ignore}
+
+
+def column_keywords(rows: Sequence[Mapping]) -> dict[str, list]:
+    """Per-row column dicts -> one list per column (a column a row lacks is None there, as in an
+    Arrow table), as TRL's `_calculate_rewards` builds its reward keywords."""
+    names = list(dict.fromkeys(k for row in rows for k in row))
+    bad = [k for k in names if k in RESERVED_COLUMNS]
+    if bad:
+        raise RewardError(f"dataset column {bad[0]!r} has the name of a reward argument; rename it")
+    return {k: [row.get(k) for row in rows] for k in names}
+
+
+def rollout_inputs(batch: Mapping, G: int, texts: list[str], completion_ids: list[list[int]],
+                   truncated: list[bool], prompt_texts: list[str]) -> tuple[list, list, dict]:
+    """A prompt batch (data/pipeline.py) and its G samples a prompt -> the (prompts, completions,
+    keywords) of TRL's reward call: the prompts as the data gives them, for conversational prompts
+    each completion as one assistant message, every other column repeated G times; the gold answer
+    None where empty (the built-in accuracy then returns None)."""
+    prompts = [p for p in batch["raw_prompt"] for _ in range(G)]
+    completions = ([[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0])
+                   else list(texts))
+    fields = column_keywords([c for c in batch["columns"] for _ in range(G)])
+    if "answer" in fields:
+        fields["answer"] = [a if a else None for a in fields["answer"]]
+    fields.update(completion_ids=completion_ids, completion_lengths=[len(c) for c in completion_ids],
+                  truncated=list(truncated), prompt_texts=list(prompt_texts))
+    return prompts, completions, fields
+
+
+@dataclasses.dataclass(frozen=True)
 class RewardSet:
-    """Weighted sum of reward functions; each also reported alone."""
+    """The reward functions of a config, weighted and combined as TRL's GRPOTrainer combines them."""
 
     specs: tuple  # of r1jax.config.RewardSpec
 
-    def __call__(self, prompts: list[str], completions: list[str], **fields):
-        """-> total [N] (None where any reward could not judge), {name: [N] values}."""
-        per = {}
-        total = [0.0] * len(completions)
-        for spec in self.specs:
+    @property
+    def names(self) -> list[str]:
+        return [spec.metric_name for spec in self.specs]
+
+    def scores(self, prompts, completions, **fields) -> np.ndarray:
+        """Each function on every row -> [N, F] float64, NaN where a function returned None."""
+        n = len(completions)
+        out = np.full((n, len(self.specs)), np.nan)
+        for j, spec in enumerate(self.specs):
             fn = resolve(spec.name)
             try:
-                values = list(fn(prompts, completions, **fields, **dict(spec.kwargs)))
+                values = list(fn(prompts=prompts, completions=completions, **{**fields, **dict(spec.kwargs)}))
             except R1JaxError:
                 raise
             except Exception as e:  # a user reward: report which one, with its error
                 raise RewardError(f"reward {spec.name!r} raised {type(e).__name__}: {e}") from e
-            if len(values) != len(completions):
-                raise RewardError(f"reward {spec.name!r} returned {len(values)} values for {len(completions)} "
-                                  "completions")
-            key = spec.label or spec.name
-            per[key] = values
-            for i, v in enumerate(values):
-                if v is None or total[i] is None:
-                    total[i] = None
-                else:
-                    total[i] += spec.weight * float(v)
-        return total, per
+            if len(values) != n:
+                raise RewardError(f"reward {spec.name!r} returned {len(values)} values for {n} completions")
+            out[:, j] = [np.nan if v is None else float(v) for v in values]
+        return out
+
+    def combine(self, scores: np.ndarray) -> np.ndarray:
+        """[N, F] -> [N]: TRL's `(rewards_per_func * weights).nansum(dim=1)`, NaN where every function
+        returned None (TRL's unscorable rows)."""
+        weights = np.array([spec.weight for spec in self.specs], np.float64)
+        total = np.nansum(scores * weights[None, :], axis=1)
+        total[np.isnan(scores).all(axis=1)] = np.nan
+        return total
+
+    def per_function(self, scores: np.ndarray) -> dict[str, list]:
+        return {name: [None if np.isnan(v) else float(v) for v in scores[:, j]] for j, name in enumerate(self.names)}
+
+    def __call__(self, prompts, completions, **fields):
+        """-> total [N] (None where no function could judge), {name: [N] values}."""
+        scores = self.scores(prompts, completions, **fields)
+        return [None if np.isnan(v) else float(v) for v in self.combine(scores)], self.per_function(scores)
+
+
+def process_rows(n: int, count: int, index: int) -> range:
+    """The rows process `index` of `count` scores: a contiguous block, sizes differing by at most 1."""
+    return range(index * n // count, (index + 1) * n // count)
+
+
+def score_split(reward_set: RewardSet, prompts: list, completions: list, fields: Mapping[str, list],
+                context: Mapping, *, process_index: int, process_count: int, gather: Callable) -> np.ndarray:
+    """Score this process's block of the rows and gather every block -> the [N, F] scores of all rows.
+
+    Every process holds the whole rollout; each runs the reward functions on its own block only (a
+    code reward's sandbox runs are the expensive part), and one all-gather of a [rows, F] float
+    array shares the results. `gather(x)` stacks every process's `x` ([count, *x.shape])."""
+    n = len(completions)
+    if process_count == 1:
+        return reward_set.scores(prompts, completions, **fields, **context)
+    rows = process_rows(n, process_count, process_index)
+    take = lambda xs: [xs[i] for i in rows]  # noqa: E731
+    mine = reward_set.scores(take(prompts), take(completions), **{k: take(v) for k, v in fields.items()}, **context)
+    block = np.full((-(-n // process_count), len(reward_set.specs)), np.nan)  # equal shapes for the gather
+    block[: len(rows)] = mine
+    every = np.asarray(gather(block))
+    return np.concatenate([every[p, : len(process_rows(n, process_count, p))] for p in range(process_count)])
 
 
 def reward_set(specs) -> RewardSet:
@@ -227,9 +338,3 @@ def reward_set(specs) -> RewardSet:
         if spec.name == "code":  # and on a sandbox that cannot isolate, unless weak isolation is allowed
             sandbox.require_isolation(bool(dict(spec.kwargs).get("allow_weak_isolation", False)))
     return RewardSet(tuple(specs))
-
-
-def validate_fields(fields: Mapping, n: int) -> None:
-    for k, v in fields.items():
-        if len(v) != n:
-            raise RewardError(f"reward field {k!r} has {len(v)} entries for {n} completions")

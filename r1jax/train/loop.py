@@ -91,8 +91,8 @@ def train(cfg: TrainConfig) -> RunResult:
     mesh, model_cfg, params = mesh_and_model(cfg)
     mesh_lib.check_train(cfg, model_cfg, rules_lib.mesh_sizes(mesh))
     teacher_cfg = None if cfg.distill is None else teacher_config(cfg.distill, model_cfg, rules_lib.mesh_sizes(mesh))
-    tok = load_tokenizer(cfg.data.tokenizer)
-    check_vocab(tok, model_cfg)
+    tok = load_tokenizer(cfg.data.tokenizer, cfg.init_from)
+    check_vocab(tok, model_cfg, cfg.init_from)
     data = make_iterator(cfg.data, tok)
     tx = optimizer.build(cfg.optimizer, cfg.steps)
     opts = StepOptions.of(cfg)
@@ -101,7 +101,7 @@ def train(cfg: TrainConfig) -> RunResult:
     step_fn = make_train_step(model_cfg, tx, opts, shardings, teacher_cfg)
     lr_at = optimizer.schedule(cfg.optimizer, cfg.steps)
 
-    with Run(cfg, model_cfg, data) as run, rules_lib.sharding_context(mesh, cfg.mesh):
+    with Run(cfg, model_cfg, data, tok) as run, rules_lib.sharding_context(mesh, cfg.mesh):
         # The frozen teacher: an argument of every step, never part of the state (nor the checkpoints).
         teacher = () if teacher_cfg is None else (load_teacher(cfg.distill, shardings.teacher),)
         state, step = run.start(params, lambda p: init_state(p, tx, cfg.seed), abstract, shardings.state)

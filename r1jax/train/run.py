@@ -86,11 +86,13 @@ def mesh_and_model(cfg, devices=None):
     return (mesh, *resolve_model(cfg, mesh))
 
 
-def check_vocab(tok, model_cfg: ModelConfig) -> None:
-    """The model must have an embedding row for every token the tokenizer can produce."""
+def check_vocab(tok, model_cfg: ModelConfig, model_name: str | None = None) -> None:
+    """The model must have an embedding row for every token the tokenizer can produce. Called before
+    anything compiles: an id past the embedding would otherwise be read as garbage (XLA clamps)."""
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"model.vocab_size: {model_cfg.vocab_size} is smaller than the tokenizer's "
-                          f"{tok.vocab_size} tokens")
+                          f"{tok.vocab_size} tokens (the tokenizer {tok.name} has ids up to {tok.vocab_size - 1}; "
+                          f"the model {model_name or 'of the config'} has {model_cfg.vocab_size} embedding rows)")
 
 
 def write_run_config(run_dir: Path, cfg, model_cfg: ModelConfig) -> None:
@@ -110,9 +112,11 @@ class Run:
     """One run in cfg.out_dir: its checkpoints of (state, data position), metrics and stop signals.
 
     `cfg` is a stage config (TrainConfig or GRPOConfig: out_dir, checkpoint, seed, steps, log_every,
-    progress, stage); `data` the already opened iterator whose position is checkpointed with the state."""
+    progress, stage); `data` the already opened iterator whose position is checkpointed with the state;
+    `tokenizer` (data/tokenizer.Tokenizer) is written beside the checkpoints' config.yaml, so that a
+    checkpoint, and every export of it, carries the tokenizer and chat template it was trained with."""
 
-    def __init__(self, cfg, model_cfg: ModelConfig, data):
+    def __init__(self, cfg, model_cfg: ModelConfig, data, tokenizer=None):
         self.cfg, self.model_cfg, self.data = cfg, model_cfg, data
         self.dir = Path(cfg.out_dir)
         self.primary = jax.process_index() == 0
@@ -126,6 +130,8 @@ class Run:
         self.manager = CheckpointManager(ckpt_cfg, model_config=model_cfg)
         self._closing = contextlib.ExitStack()
         self._closing.callback(self.manager.close)
+        if tokenizer is not None and self.primary:
+            tokenizer.save(self.manager.directory)
         self._closing.callback(self.manager.wait)  # first: the last checkpoint commits (or raises)
 
     def __enter__(self) -> "Run":
