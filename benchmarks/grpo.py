@@ -10,23 +10,32 @@ of the steps after it, each phase's share of the step, and tokens/s:
 - log-prob and update: positions of the training batch (rows × (prompt + max_new_tokens)) / time;
   the update is μ = num_iterations forward+backward passes.
 
-Reference in the same process (TRL is not installed, and a PyTorch GRPO trainer would not share the
-model code): an SFT train step (`train/step.py`, no MTP/balance loss, no bias update) of the same model
-on a batch of the same shape, so the GRPO update's overhead over plain causal-LM training (chunked,
-rematerialized log-probs, the entropy, the clipped objective, the KL term) reads off as a ratio.
+Reference in the same process: an SFT train step (`train/step.py`, no MTP/balance loss, no bias
+update) of the same model on a batch of the same shape, so the GRPO update's overhead over plain
+causal-LM training (chunked, rematerialized log-probs, the entropy, the clipped objective, the KL
+term) reads off as a ratio; and that SFT step timed interleaved (harness.py) against the same step
+under `--baseline` model settings (default: the CPU defaults before `auto`, ragged dispatch and a
+scanned layer loop), so the gain of the per-backend defaults reads off too. To time a whole GRPO
+run under the baseline, pass it as overrides (`model.moe_dispatch=ragged model.layer_loop=scan`).
+benchmarks/grpo_vs_trl.py compares against TRL's GRPOTrainer.
 
-    python benchmarks/grpo.py [--steps 6] [key=value overrides of the GRPO config ...]
+    python benchmarks/grpo.py [--steps 6] [--baseline k=v,k=v] [key=value overrides of the GRPO config ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import harness  # noqa: E402
+
 PHASES = ("sample", "reward", "logprob", "update")
 
 
@@ -34,7 +43,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="GRPO steps; the first (compile) is not counted")
     ap.add_argument("--config", default=str(ROOT / "configs/train/tiny_grpo.yaml"))
-    ap.add_argument("--reference-repeats", type=int, default=5)
+    ap.add_argument("--reference-repeats", type=int, default=5, help="interleaved pairs of the SFT steps")
+    ap.add_argument("--baseline", default="moe_dispatch=ragged,layer_loop=scan",
+                    help="model settings the SFT step is compared with ('' skips the comparison)")
     ap.add_argument("overrides", nargs="*", help="GRPO config overrides, e.g. model.moe_dispatch=capacity")
     return ap.parse_args(argv)
 
@@ -52,8 +63,8 @@ def grpo_phase_times(cfg_path: str, steps: int, overrides: list[str], out: Path)
     return cfg, read_metrics(out)
 
 
-def sft_step_time(model_cfg, rows: int, seq: int, repeats: int) -> tuple[float, float]:
-    """(median seconds, compile seconds) of an SFT train step on [rows, seq] tokens."""
+def sft_step(model_cfg, rows: int, seq: int):
+    """-> (a function running one SFT train step on [rows, seq] tokens, its compile seconds)."""
     import jax
     import numpy as np
 
@@ -68,21 +79,18 @@ def sft_step_time(model_cfg, rows: int, seq: int, repeats: int) -> tuple[float, 
     tok = np.random.RandomState(0).randint(0, model_cfg.vocab_size, (rows, seq + 1)).astype(np.int32)
     batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "loss_mask": np.ones((rows, seq), np.int32),
              "segment_ids": np.ones((rows, seq), np.int32), "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1))}
-    t0 = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state, m = step(state, batch)
+    holder = [state]
+
+    def run():
+        holder[0], m = step(holder[0], batch)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), compile_s
+
+    return run, harness.seconds(run)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    threads = harness.pin_threads()
     import jax
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,11 +113,12 @@ def main(argv=None) -> int:
             "logprob": f"positions × {passes} forward", "update": f"positions × {cfg.num_iterations} fwd+bwd"}
 
     model_cfg = cfg.model
+    print(harness.header("benchmarks/grpo.py", threads))
     print(f"GRPO step on {jax.device_count()} {jax.default_backend()} device(s): {model_cfg.model_type} "
           f"({Path(args.config).name}), {cfg.prompts.batch_size} prompts × {cfg.num_generations} = {n} rows, "
-          f"prompt {cfg.prompts.seq_len} + {cfg.max_new_tokens} new tokens, dispatch {model_cfg.moe_dispatch}, "
+          f"prompt {cfg.prompts.seq_len} + {cfg.max_new_tokens} new tokens, dispatch {model_cfg.moe_dispatch}, layer_loop {model_cfg.layer_loop}, "
           f"median of {len(timed)} steps after the first ({total_s:.0f} s in all)")
-    print(f"| phase | median s | share | tokens/s | counted | first step s (compile) |")
+    print("| phase | median s | share | tokens/s | counted | first step s (compile) |")
     print("|---|---|---|---|---|---|")
     for p in PHASES:
         print(f"| {p} | {med[p]:.3f} | {100 * med[p] / step_s:.0f}% | {tokens[p] / med[p]:,.0f} | {what[p]} | "
@@ -117,11 +126,21 @@ def main(argv=None) -> int:
     print(f"| step | {step_s:.3f} | 100% | {n * cfg.max_new_tokens / step_s:,.0f} | rows × max_new_tokens | "
           f"{sum(first.values()):.1f} |")
 
-    sft_s, sft_compile = sft_step_time(model_cfg, n, cfg.prompts.seq_len + cfg.max_new_tokens, args.reference_repeats)
+    seq = cfg.prompts.seq_len + cfg.max_new_tokens
+    sft, sft_compile = sft_step(model_cfg, n, seq)
+    if args.baseline:
+        base_cfg = model_cfg.replace(**dict(kv.split("=", 1) for kv in args.baseline.split(",")))
+        base, _ = sft_step(base_cfg, n, seq)
+        c = harness.interleaved(sft, base, args.reference_repeats)
+        sft_s = c.a
+        print(f"\nSFT step with these defaults vs with {args.baseline}: {sft_s:.3f} s vs {c.b:.3f} s, "
+              f"{c.verdict()}")
+    else:
+        sft_s = statistics.median(harness.seconds(sft) for _ in range(args.reference_repeats))
     per_pass = med["update"] / cfg.num_iterations
-    print(f"\nreference: SFT train step on the same [{n}, {cfg.prompts.seq_len + cfg.max_new_tokens}] tokens: "
-          f"{sft_s:.3f} s ({positions / sft_s:,.0f} tokens/s, compile {sft_compile:.1f} s); "
-          f"GRPO update per pass / SFT step = {per_pass / sft_s:.2f}×")
+    print(f"reference: SFT train step on the same [{n}, {seq}] tokens: {sft_s:.3f} s ({positions / sft_s:,.0f} "
+          f"tokens/s, compile {sft_compile:.1f} s); GRPO update per pass / SFT step = {per_pass / sft_s:.2f}x; "
+          f"load average after {harness.load():.2f}")
     return 0
 
 

@@ -1,9 +1,10 @@
 """Greedy decode throughput: r1jax's jitted KV-cache sampler vs transformers `generate` (CPU).
 
 Both run the same random weights (built by transformers, converted with r1jax.load_pretrained),
-greedy, EOS disabled, a fixed number M of new tokens, at several batch sizes, best of several calls
-after warm-up (r1jax's compile, torch's first slow calls). Decode tokens/s = B·(M−1) / (t(M) − t(1)),
-so the prompt's prefill cancels out; end-to-end tokens/s = B·M / t(M). Also prints the KV-cache
+greedy, EOS disabled, a fixed number M of new tokens, at several batch sizes, each side timed
+interleaved with the other (harness.py: median of pairs, spread, load average) after warm-up
+(r1jax's compile, torch's first slow calls). Decode tokens/s = B·(M−1) / (t(M) − t(1)) from the
+median times, so the prompt's prefill cancels out; end-to-end tokens/s = B·M / t(M). Also prints the KV-cache
 bytes per token of the latent (MLA absorbed) and the expanded (per-head k, v) cache and the
 theoretical ratio (L+R) / (H·(N+R) + H·V).
 
@@ -13,7 +14,6 @@ theoretical ratio (L+R) / (H·(N+R) + H·V).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import harness  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -31,8 +34,8 @@ def parse_args(argv=None):
     ap.add_argument("--batches", default="1,16,64", help="comma-separated batch sizes")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=None, help="default 64 (--quick: 32)")
-    ap.add_argument("--repeats", type=int, default=None, help="timed repeats, best kept (default 5; --quick: 3)")
-    ap.add_argument("--dispatch", default="dense", help="r1jax MoE dispatch (dense is fastest for few experts on CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="interleaved pairs (default 5; --quick: 3)")
+    ap.add_argument("--dispatch", default="auto", help="r1jax MoE dispatch (default: the per-backend choice)")
     ap.add_argument("--cache", default="latent", choices=["latent", "expanded"])
     return ap.parse_args(argv)
 
@@ -66,49 +69,33 @@ def warm_up(fn, max_calls: int = 8):
     return out
 
 
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def time_r1jax(params, cfg, prompts, new_tokens, repeats, cache):
-    """-> (tokens, best seconds, compile seconds) for one sampler call."""
-    from r1jax.infer import sampler
-
-    run = lambda: sampler.sample(params, cfg, prompts, max_new_tokens=new_tokens, temperature=0.0, cache=cache)
-    start = time.perf_counter()
-    out = run()  # compiles
-    compile_s = time.perf_counter() - start
-    return out.tokens, best_time(run, repeats), compile_s
-
-
-def time_hf(model, prompts, new_tokens, repeats):
-    """-> (tokens, best seconds) for one transformers generate call."""
-    import torch
-
-    ids = torch.tensor(prompts, dtype=torch.long)
-    kw = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        out = warm_up(lambda: model.generate(ids, **kw))
-        t = best_time(lambda: model.generate(ids, **kw), repeats)
-    return out[:, ids.shape[1]:].numpy(), t
-
-
 def bench_batch(hf, params, cfg, prompts, new_tokens, repeats, cache) -> dict:
     """Decode tokens/s = B·(M−1) / (t(M) − t(1)): the prefill and first token cancel out."""
+    import torch
+
+    from r1jax.infer import sampler
+
     B = len(prompts)
-    ours, t_ours, compile_s = time_r1jax(params, cfg, prompts, new_tokens, repeats, cache)
-    _, t_ours1, _ = time_r1jax(params, cfg, prompts, 1, repeats, cache)
-    theirs, t_hf = time_hf(hf, prompts, new_tokens, repeats)
-    _, t_hf1 = time_hf(hf, prompts, 1, repeats)
-    decode = lambda t, t1: B * (new_tokens - 1) / max(t - t1, 1e-9)
-    return {"batch": B, "r1jax_decode": decode(t_ours, t_ours1), "hf_decode": decode(t_hf, t_hf1),
-            "r1jax_e2e": B * new_tokens / t_ours, "hf_e2e": B * new_tokens / t_hf, "compile_s": compile_s,
-            "same": float(np.mean(np.all(ours == theirs, axis=1)))}
+    ids = torch.tensor(prompts, dtype=torch.long)
+
+    def ours(m):
+        return lambda: sampler.sample(params, cfg, prompts, max_new_tokens=m, temperature=0.0, cache=cache)
+
+    def theirs(m):
+        def run():
+            with torch.no_grad():
+                return hf.generate(ids, max_new_tokens=m, do_sample=False, pad_token_id=0)
+        return run
+
+    compile_s = harness.seconds(ours(new_tokens))
+    same = np.mean(np.all(ours(new_tokens)().tokens == warm_up(theirs(new_tokens))[:, ids.shape[1]:].numpy(), axis=1))
+    warm_up(theirs(1))
+    full = harness.interleaved(ours(new_tokens), theirs(new_tokens), repeats)
+    one = harness.interleaved(ours(1), theirs(1), repeats)
+    decode = lambda t, t1: B * (new_tokens - 1) / max(t - t1, 1e-9)  # noqa: E731
+    return {"batch": B, "r1jax_decode": decode(full.a, one.a), "hf_decode": decode(full.b, one.b),
+            "r1jax_e2e": B * new_tokens / full.a, "hf_e2e": B * new_tokens / full.b, "compile_s": compile_s,
+            "same": float(same), "e2e": full}
 
 
 def cache_report(cfg) -> str:
@@ -128,16 +115,15 @@ def main(argv=None) -> int:
     new_tokens = args.new_tokens or (32 if args.quick else 64)
     repeats = args.repeats or (3 if args.quick else 5)
     batches = [int(b) for b in args.batches.split(",")]
-    import torch
-
-    torch.set_num_threads(os.cpu_count() or 1)
+    threads = harness.pin_threads()
     with tempfile.TemporaryDirectory() as tmp:
         hf, (cfg, params) = build_models(args.config, Path(tmp))
     cfg = cfg.replace(moe_dispatch=args.dispatch)
+    print(harness.header("benchmarks/sample.py: r1jax sampler vs transformers generate", threads))
     print(f"model {Path(args.config).name}: D={cfg.hidden_size} layers={cfg.num_hidden_layers} "
           f"experts={cfg.n_routed_experts} vocab={cfg.vocab_size}; prompt {args.prompt_len} tokens, "
-          f"{new_tokens} new tokens, greedy, best of {repeats}; r1jax cache={args.cache} dispatch={args.dispatch}; "
-          f"{os.cpu_count()} CPU threads")
+          f"{new_tokens} new tokens, greedy, {repeats} interleaved pairs; r1jax cache={args.cache} "
+          f"dispatch={args.dispatch}")
     print(f"{'':>5}  {'decode tokens/s':^32}  {'end-to-end tokens/s':^32}")
     print(f"{'batch':>5}  {'r1jax':>10}  {'HF':>10}  {'ratio':>7}  {'r1jax':>10}  {'HF':>10}  {'ratio':>7}  "
           f"{'compile s':>9}  same tokens")
@@ -148,7 +134,7 @@ def main(argv=None) -> int:
         print(f"{batch:>5}  {r['r1jax_decode']:>10.0f}  {r['hf_decode']:>10.0f}  "
               f"{r['r1jax_decode'] / r['hf_decode']:>6.1f}x  {r['r1jax_e2e']:>10.0f}  {r['hf_e2e']:>10.0f}  "
               f"{r['r1jax_e2e'] / r['hf_e2e']:>6.1f}x  "
-              f"{r['compile_s']:>9.1f}  {r['same']:.0%} of rows", flush=True)
+              f"{r['compile_s']:>9.1f}  {r['same']:.0%} of rows; end-to-end {r['e2e'].verdict()}", flush=True)
     print(cache_report(cfg))
     return 0
 

@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.config import DTYPES, ModelConfig
+from r1jax import paths
+from r1jax.config import DTYPES, ModelConfig, config_from_hf
 from r1jax.convert import hf_io
 from r1jax.errors import ConfigError, DataError
 import r1jax.model as model_lib
@@ -52,7 +53,8 @@ def _param_shardings(mesh):
 def _load_hf(path, dtype, mesh, shardings):
     """A HF directory (bf16/fp32, or the FP8 release dequantized to `dtype`, default bfloat16); with a
     mesh every device reads only its own block of each tensor."""
-    return hf_io.load_hf(path, dtype, _param_shardings(mesh) if shardings is None else shardings)
+    with paths.local_source(path, "hf-model") as local:  # gs://: downloaded (safetensors are read by pread)
+        return hf_io.load_hf(local, dtype, _param_shardings(mesh) if shardings is None else shardings)
 
 
 def _load_orbax(path, dtype, mesh, shardings):
@@ -62,6 +64,13 @@ def _load_orbax(path, dtype, mesh, shardings):
 
 
 def _read_hf_config(path):
+    if paths.is_remote(path):
+        # The headers would cost downloading the weights: config.json alone gives the architecture (the
+        # dtype is config.json's, and an MTP layer is assumed present when it declares one).
+        d = hf_io.read_hf_config(path)
+        dtype = d.get("torch_dtype") or d.get("dtype") or "float32"
+        dtype = "bfloat16" if "quantization_config" in d or dtype not in DTYPES else dtype
+        return config_from_hf({k: v for k, v in d.items() if k != "quantization_config"}, dtype=dtype, param_dtype=dtype)
     with hf_io.open_hf(path) as ckpt:  # config.json and the safetensors headers only
         return ckpt.cfg
 
@@ -86,14 +95,14 @@ def _kind(path, key=None) -> str:
 def read_config(path, key: str = "model"):
     """The architecture of a HF directory or an r1jax checkpoint, read without touching the weights
     (to check a mesh or a vocabulary before loading anything). `key` names the setting in errors."""
-    return CONFIG_READERS[_kind(path, key)](Path(path))
+    return CONFIG_READERS[_kind(path, key)](paths.as_path(path))
 
 
 def load_pretrained(path, *, dtype=None, mesh=None, shardings=None):
     """(ModelConfig, params) from a HF directory (config.json + safetensors) or an r1jax checkpoint.
     With `mesh`, each leaf is read straight into its sharding by the default rules; `shardings` (a
     params pytree of jax.sharding.Sharding) places them instead, e.g. by a training run's rules."""
-    path = Path(path)
+    path = paths.as_path(path)  # local or gs://
     kind = _kind(path)
     if dtype is not None:
         dtype = jnp.dtype(dtype).name

@@ -1,7 +1,7 @@
 """The `r1jax` command. Thin: parse arguments, build configs, call library functions.
 
-Errors: a typed r1jax error, an OSError (a full disk: ENOSPC) and a failure inside tensorstore or orbax
-end the command with one line, `r1jax <command>: error: <path>: <cause>`, and exit status 2. The
+Errors: a typed r1jax error, an OSError (a full disk: ENOSPC) and a failure inside tensorstore, orbax
+or the GCS clients (gcsfs, google-auth) end the command with one line, `r1jax <command>: error: <path>: <cause>`, and exit status 2. The
 traceback, and the background threads' own reports of the failure, are shown only with
 `R1JAX_DEBUG=1` in the environment. Anything else is a bug and keeps its traceback."""
 
@@ -17,7 +17,8 @@ import traceback
 from r1jax.errors import R1JaxError, chain, describe
 
 DEBUG_ENV = "R1JAX_DEBUG"
-_STORAGE_PACKAGES = ("orbax", "tensorstore")  # failures raised in them are the storage's, not ours
+# Failures raised in them are the storage's, not ours (gcsfs and google-auth: gs:// paths, docs/storage.md).
+_STORAGE_PACKAGES = ("orbax", "tensorstore", "gcsfs", "google")
 
 
 def _demo(args) -> int:
@@ -80,8 +81,52 @@ def _eval(args) -> int:
     return 0
 
 
+def _resolved_config(path, overrides):
+    """The config dataclass a YAML file is, with `overrides` applied: a stage (`stage:`), a pipeline
+    (`stages:`), an eval config (`verifier:`, `num_samples:` or `ks:`), else a model."""
+    from r1jax import config as config_lib
+
+    raw = config_lib.read_yaml(path)
+    if "stage" in raw:
+        return config_lib.load_stage(path, overrides)
+    if "stages" in raw:
+        from r1jax.pipeline import load_pipeline
+
+        return load_pipeline(path, overrides)
+    if {"verifier", "num_samples", "ks"} & set(raw):
+        return config_lib.load(config_lib.EvalConfig, path, overrides)
+    return config_lib.model_from_dict(config_lib.apply_overrides(raw, list(overrides)))
+
+
+def _config_show(args) -> int:
+    from r1jax.config import PipelineConfig
+    from r1jax.config.show import show
+
+    cfg = _resolved_config(args.config, args.overrides)
+    if not isinstance(cfg, PipelineConfig):
+        print(show(cfg), end="")
+        return 0
+    from r1jax.pipeline import resolve_stage
+
+    # Each stage as it runs: its own config with the pipeline's defaults, out_dir and @references filled in.
+    print(show(cfg, skip=("stages",)), end="")
+    for i, spec in enumerate(cfg.stages):
+        print(f"\n# stages[{i}]: {spec.name} ({spec.kind}), resolved\n" + show(resolve_stage(cfg, i)), end="")
+    return 0
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return f"r1jax {metadata.version('r1jax')}"
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "r1jax (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r1jax", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the main job on its embedded default (no downloads)")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
@@ -141,7 +186,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV cache: latent or expanded (DeepSeek), gqa (dense students); default: the "
                              "model's own (latent, gqa)")
     sample.set_defaults(func=_sample)
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    show = config_sub.add_parser("show", help="print the resolved config: every field, its value and its default")
+    show.add_argument("config", help="a stage, pipeline, eval or model YAML")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.set_defaults(func=_config_show)
     return parser
+
+
+def _override_hints(argv: list[str], unknown: list[str]) -> str | None:
+    """For flags argparse does not know, given as `--key value` or `--key=value` where a command
+    takes `key=value` overrides: the error that says how to write them."""
+    hints = []
+    for flag in unknown:
+        if not flag.startswith("--") or len(flag) == 2:
+            continue
+        key, eq, value = flag[2:].partition("=")
+        if not eq:
+            i = argv.index(flag)
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            value = nxt if nxt is not None and not nxt.startswith("-") and "=" not in nxt else "VALUE"
+        hints.append(f"{flag}{'' if eq else ' ' + value if value != 'VALUE' else ''}: overrides are written "
+                     f"key=value, without dashes: {key.replace('-', '_') if '.' not in key else key}={value}")
+    return "; ".join(hints) or None
 
 
 def _debug() -> bool:
@@ -208,7 +276,12 @@ def main(argv=None) -> int:
     """Run the command of `argv` (default: sys.argv) and return its exit status. As the process's own
     command (argv None) it also silences the background reports of a failure (see the module doc);
     a caller passing argv keeps its process's hooks and logging as they are."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv_list = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(argv_list)
+    if unknown:
+        hint = _override_hints(argv_list, unknown) if hasattr(args, "overrides") else None
+        parser.error(hint or f"unrecognized arguments: {' '.join(unknown)}")
     debug = _debug()
     if argv is None and not debug:
         _quiet_background_failures()

@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from r1jax import api
+from r1jax import api, paths
 from r1jax import config as config_lib
 from r1jax.config import GRPOConfig, PipelineConfig, RejectionConfig, StageKind, StageSpec, TrainConfig, check_names
 from r1jax.errors import ConfigError
@@ -21,7 +21,7 @@ STAGE_FIELD = {"pretrain": "pretrain", "sft": "sft", "distill": "sft", "grpo": "
 
 
 def stage_dir(cfg: PipelineConfig, name: str) -> Path:
-    return Path(cfg.out_dir) / name
+    return paths.as_path(cfg.out_dir) / name  # local or gs://
 
 
 def checkpoint_dir(cfg: PipelineConfig, name: str) -> Path:
@@ -134,7 +134,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
 
     stage_cfgs = [resolve_stage(cfg, i) for i in range(len(cfg.stages))]  # all errors before any work
     tok = load_tokenizer(_tokenizer_spec(stage_cfgs), getattr(stage_cfgs[0], "init_from", None))
-    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    paths.makedirs(cfg.out_dir)
     records = []
     for i, (spec, stage_cfg) in enumerate(zip(cfg.stages, stage_cfgs)):
         done = stage_dir(cfg, spec.name) / "DONE.json"
@@ -148,7 +148,7 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             print(f"stage {spec.name} stopped: {record['status']}; rerun the pipeline to resume", flush=True)
             break
         done.write_text(json.dumps(record, indent=1))
-    (Path(cfg.out_dir) / "results.json").write_text(json.dumps(records, indent=1))
+    (paths.as_path(cfg.out_dir) / "results.json").write_text(json.dumps(records, indent=1))
     return records
 
 

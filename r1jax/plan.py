@@ -510,7 +510,13 @@ def load_plan_config(config_path, overrides=(), mesh_spec: str | None = None, *,
     if n is None:
         sizes = [getattr(cfg.mesh, a) for a in config_lib.MESH_AXES]
         dcn = [getattr(cfg.mesh, a) for a in config_lib.DCN_AXES]
-        n = math.prod(sizes + dcn) if -1 not in sizes + dcn else jax.device_count()
+        named = [o.partition("=")[2] for o in (mesh_lib.parse_mesh_spec(mesh_spec) if mesh_spec else [])]
+        if -1 not in sizes + dcn:
+            n = math.prod(sizes + dcn)
+        elif named and "-1" not in named:  # --mesh named every axis it wants: the rest are 1, not "fill"
+            n = math.prod(s for s in sizes + dcn if s != -1)
+        else:
+            n = jax.device_count()
     if batch_size is None and "stage" not in raw:
         shape = mesh_lib.mesh_shape(cfg.mesh, n, slices)
         split = rules_lib.split_of("batch", cfg.mesh, shape)

@@ -6,8 +6,8 @@ sampling itself is `r1jax.infer.sampler`'s.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from r1jax import paths
 from r1jax.api import load_pretrained
 from r1jax.config import ModelConfig
 from r1jax.data.tokenizer import load_tokenizer, model_tokenizer_dir
@@ -21,7 +21,7 @@ def _read_prompts(path, tokenizer) -> list[tuple[dict, list[int], int]]:
     """(row, token ids, line number) for each non-blank line of a prompts jsonl."""
     rows = []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = paths.as_path(path).read_text().splitlines()
     except FileNotFoundError:
         raise DataError(f"{path}: prompts file not found") from None
     for n, line in enumerate(lines, 1):
@@ -56,10 +56,10 @@ class _BareTokenizer:
 
     stop_ids = ()
 
-    def __init__(self, path: Path):
+    def __init__(self, path):
         from tokenizers import Tokenizer
 
-        self.hf = Tokenizer.from_file(str(path))
+        self.hf = Tokenizer.from_str(path.read_text())  # local or gs://
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -117,6 +117,9 @@ def sample_file(model_dir, prompts_jsonl, out_jsonl, *, max_new_tokens: int, tem
         raise ConfigError(f"num_samples: must be an int >= 1, got {num_samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size: must be an int >= 1, got {batch_size!r}")
+    if not paths.as_path(model_dir).exists():
+        raise ConfigError(f"--ckpt {model_dir}: does not exist (a Hugging Face directory, an r1jax checkpoint "
+                          f"or a training run's directory)")
     tokenizer = _model_tokenizer(model_dir)
     rows = _read_prompts(prompts_jsonl, tokenizer)
     cfg, params = load_pretrained(model_dir)
@@ -132,8 +135,9 @@ def sample_file(model_dir, prompts_jsonl, out_jsonl, *, max_new_tokens: int, tem
     jobs = [(i, j) for i in range(len(rows)) for j in range(num_samples)]
     batch_size = min(batch_size, len(jobs))
     bucket = prompt_bucket(max(len(r) for r in prompts))  # one bucket for the file: one compile
-    Path(out_jsonl).parent.mkdir(parents=True, exist_ok=True)
-    with open(out_jsonl, "w") as f, _progress(len(jobs)) as bar:
+    out_path = paths.as_path(out_jsonl)  # local or gs:// (an object is uploaded when closed)
+    paths.makedirs(out_path.parent)
+    with out_path.open("w") as f, _progress(len(jobs)) as bar:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             # Pad the last chunk to batch_size so it reuses the compiled loop; row ids are global so a

@@ -35,6 +35,7 @@ MAX_LINES = 600
 LAYERS = {
     "r1jax.errors": 0,
     "r1jax.plugins": 0,
+    "r1jax.paths": 0,
     "r1jax.config.*": 1,
     # parallel/ is the mesh, the sharding rules and the TPU slices a mesh is laid on, nothing else
     # (expert dispatch is the model's).

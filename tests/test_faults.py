@@ -165,7 +165,9 @@ def test_sample_eval_convert_of_a_damaged_model_is_one_error(tmp_path, cfg, para
     prompts.write_text('{"prompt_ids": [1, 2, 3]}\n')
     runs = {
         "sample": ["sample", "--ckpt", str(m), "--prompts", str(prompts), "--out", str(tmp_path / "s.jsonl")],
-        "eval": ["eval", "configs/eval/task_pass_at_k.yaml", f"model={m}", f"out_dir={tmp_path / 'e'}"],
+        # The tokenizer named: a model without one would otherwise get a notice that the built-in one is used.
+        "eval": ["eval", "configs/eval/task_pass_at_k.yaml", f"model={m}", f"out_dir={tmp_path / 'e'}",
+                 "prompts.tokenizer=builtin"],
         "convert": ["convert", "orbax-to-hf", str(m), str(tmp_path / "hf")],
     }
     for command, argv in runs.items():

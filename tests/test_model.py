@@ -285,6 +285,23 @@ def test_dispatch_gradients_agree():
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g, ref)
 
 
+def test_unrolled_layers_give_the_scanned_gradients():
+    """layer_loop only changes how the stack is compiled: unrolled (CPU's default under auto) and
+    scanned give the same loss gradients, with and without rematerialization."""
+    from r1jax.model import decoder
+
+    cfg = tiny()
+    assert cfg.layer_loop == "auto" and decoder.unrolled(cfg)  # this suite runs on CPU
+    params = sharp_params(cfg, std=0.05)
+    tokens = jnp.asarray(np.random.RandomState(4).randint(0, cfg.vocab_size, (2, 16)), jnp.int32)
+    ref = jax.grad(_loss)(params, tokens, cfg.replace(layer_loop="scan"))
+    for c in (cfg.replace(layer_loop="unroll"), cfg.replace(layer_loop="unroll", remat_policy="full")):
+        got = jax.grad(_loss)(params, tokens, c)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, ref)
+    with pytest.raises(Exception, match="layer_loop"):
+        tiny(layer_loop="sideways")
+
+
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_policies_give_identical_gradients(policy):
     cfg = tiny()

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from r1jax import paths
 from r1jax.checkpoint.orbax_io import is_model_checkpoint
 from r1jax.errors import CheckpointError, ConfigError
 
@@ -15,7 +14,7 @@ def checkpoint_kind(path, key: str | None = None) -> str:
     training checkpoint (config.yaml + params). A missing path, or a directory that is neither, raises
     naming the path: a ConfigError naming the setting when `key` is given (the config points at the
     wrong place), else a CheckpointError."""
-    path = Path(path)
+    path = paths.as_path(path)  # local or gs://
     where, error = (f"{key}: {path}", ConfigError) if key else (f"{path}:", CheckpointError)
     if not path.exists():
         raise error(f"{where} does not exist")

@@ -43,10 +43,8 @@ import base64
 import dataclasses
 import json
 import logging
-import shutil
 import signal
 import threading
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -54,6 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from r1jax import paths
 from r1jax.checkpoint.orbax_io import (CONFIG_FILE, PARAMS_ITEM, check_tree, flat_leaves, quiet_unraisable,
                                        read_model_config, training_steps, write_model_config)
 from r1jax.config import CheckpointConfig, ModelConfig
@@ -247,7 +246,7 @@ class CheckpointManager:
         if not config.directory:
             raise ConfigError("checkpoint.directory: must not be empty")
         self.config = config
-        self.directory = Path(config.directory).absolute()
+        self.directory = paths.absolute(config.directory)  # local, or gs:// (orbax's own GCS support)
         self._writing: int | None = None  # the step of the last save started
         self._failed = False  # the last save failed: it was reported, there is nothing to wait for
         keep = [policies.LatestN(config.max_to_keep)]
@@ -359,7 +358,7 @@ class CheckpointManager:
     def _remove_partial_steps(self) -> None:
         if jax.process_index() == 0:
             for partial in self.directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
-                shutil.rmtree(partial, ignore_errors=True)
+                paths.rmtree(partial)
 
     # ------------------------------------------------------------------ restore
     def _resolve_step(self, step: int | None) -> int:
@@ -452,7 +451,7 @@ class CheckpointManager:
                         "aside to %s", step, ", ".join(str(p) for p in aside))
         return step, state, data_state
 
-    def _set_aside(self, steps: list[int]) -> list[Path]:
+    def _set_aside(self, steps: list[int]) -> list:
         """Rename each step directory to `<step>.damaged` (`.damaged.1`, ... when taken); orbax neither
         lists nor deletes those names, and the step number is free to be saved again."""
         moved = []

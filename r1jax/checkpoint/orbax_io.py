@@ -7,7 +7,8 @@ Layout of a model checkpoint directory::
 
 `load_model` also reads a training checkpoint directory written by `CheckpointManager`
 (`DIR/config.yaml` + `DIR/<step>/params/` + ...), taking the params of the latest complete step, or
-one step of it (`DIR/<step>`). A params directory whose files do not read back (missing, truncated,
+one step of it (`DIR/<step>`), and a training run's directory (`RUN/checkpoints/` is read; `RUN`'s
+own config.yaml is the run's whole config, not a model's). Any of them may be local or on gs://. A params directory whose files do not read back (missing, truncated,
 corrupt) is a `DamagedCheckpointError` naming it and the cause; a reader of a model never falls back
 to an older step by itself (only a training run's resume does), it names the steps there are instead.
 
@@ -34,11 +35,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import yaml
 
+from r1jax import paths
 from r1jax.config import ModelConfig, model_from_dict, to_dict
 from r1jax.errors import CheckpointError, ConfigError, DamagedCheckpointError, describe
 from r1jax.model.params import param_shapes
 
 CONFIG_FILE = "config.yaml"
+RUN_CHECKPOINTS = "checkpoints"  # where a training run keeps its checkpoints: RUN/checkpoints/
 PARAMS_ITEM = "params"  # the params subdirectory, in model and training checkpoints alike
 
 _barrier_ids = itertools.count()
@@ -125,11 +128,26 @@ def quiet_unraisable():
 
 
 def write_model_config(directory, config: ModelConfig) -> None:
-    """Write DIR/config.yaml atomically (a reader never sees half a file)."""
-    directory = Path(directory)
+    """Write DIR/config.yaml atomically (a reader never sees half a file; an object store writes an
+    object whole)."""
+    directory = paths.as_path(directory)
+    text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    if paths.is_remote(directory):
+        (directory / CONFIG_FILE).write_text(text)
+        return
     tmp = directory / f".{CONFIG_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    tmp.write_text(text)
     os.replace(tmp, directory / CONFIG_FILE)
+
+
+def checkpoint_root(path):
+    """The checkpoint directory `path` names: itself, or RUN/checkpoints/ when `path` is a training
+    run's directory (its config.yaml is the run's, beside checkpoints/)."""
+    path = paths.as_path(path)
+    inner = path / RUN_CHECKPOINTS
+    if (inner / CONFIG_FILE).is_file() and not (path / PARAMS_ITEM).is_dir() and not _is_step_dir(path):
+        return inner
+    return path
 
 
 def _is_step_dir(path: Path) -> bool:
@@ -140,14 +158,14 @@ def _is_step_dir(path: Path) -> bool:
 def config_dir(directory) -> Path:
     """The directory whose config.yaml (and tokenizer files) describe `directory`: itself, or for a
     step directory its parent."""
-    directory = Path(directory)
+    directory = paths.as_path(directory)
     return directory.parent if _is_step_dir(directory) else directory
 
 
 def read_model_config(directory) -> ModelConfig:
     """ModelConfig from DIR/config.yaml (of a step directory: its parent's); unknown keys and bad values
     name the file and the key."""
-    directory = Path(directory)
+    directory = checkpoint_root(directory)
     f = config_dir(directory) / CONFIG_FILE
     try:
         d = yaml.safe_load(f.read_text())
@@ -171,8 +189,8 @@ def training_steps(path: Path) -> list[int]:
 
 def is_model_checkpoint(path) -> bool:
     """True for an r1jax model checkpoint, a training checkpoint directory (both hold config.yaml) or
-    one step of the latter."""
-    path = Path(path)
+    one step of the latter, or a training run's directory holding one."""
+    path = checkpoint_root(path)
     if _is_step_dir(path):
         return True
     if not (path / CONFIG_FILE).is_file():
@@ -193,7 +211,7 @@ def _params_dir(path: Path) -> Path:
 
 def params_dir(path) -> Path:
     """The orbax params directory `load_model` reads: DIR/params/, or DIR/<latest step>/params/."""
-    return _params_dir(Path(path))
+    return _params_dir(checkpoint_root(path))
 
 
 # --------------------------------------------------------------------------- load
@@ -226,7 +244,7 @@ def load_model(path, *, dtype=None, mesh=None, shardings=None):
     as for a Hugging Face load). With `mesh` (or an explicit `shardings` pytree of jax.sharding.Sharding)
     each array is restored directly into its sharding; otherwise onto the first local device.
     """
-    path = Path(path).absolute()  # orbax refuses relative paths
+    path = paths.absolute(checkpoint_root(path))  # orbax refuses relative paths
     cfg = read_model_config(path)
     if dtype is not None:
         name = jnp.dtype(dtype).name
@@ -278,13 +296,6 @@ def _sync(what: str) -> None:
     ocp.multihost.sync_global_processes(f"r1jax_orbax_io_{what}_{next(_barrier_ids)}")
 
 
-def _check_destination(dst: Path, overwrite: bool) -> None:
-    if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"{dst}: exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dst}: already exists and is not empty (pass overwrite=True)")
-
-
 def _publish(tmp: Path, dst: Path) -> None:
     """Move the finished tmp directory into place; an old dst is only removed once the new one is there."""
     if dst.exists():
@@ -297,11 +308,14 @@ def _publish(tmp: Path, dst: Path) -> None:
 
 
 def save_model(path, config: ModelConfig, params, *, overwrite: bool = False) -> Path:
-    """Write config.yaml + params/ to `path`; the directory appears only once complete."""
-    dst = Path(path).absolute()
+    """Write config.yaml + params/ to `path`; the directory appears only once complete (on gs://,
+    where nothing can be renamed: config.yaml, which makes it a checkpoint, is written last)."""
+    dst = paths.absolute(path)
     where = f"{dst}: params (config param_dtype={config.param_dtype})"
     check_tree(flat_leaves(param_shapes(config)), flat_leaves(params), where, check_dtype=True)
-    _check_destination(dst, overwrite)
+    paths.check_destination(dst, overwrite)
+    if paths.is_remote(dst):
+        return _save_remote(dst, config, params)
     # The name is the same on every process, so all of them write into the one directory.
     tmp = dst.with_name(f".{dst.name}.r1jax-tmp")
     if _is_primary():
@@ -320,4 +334,17 @@ def save_model(path, config: ModelConfig, params, *, overwrite: bool = False) ->
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     _sync("save_model_done")
+    return dst
+
+
+def _save_remote(dst, config: ModelConfig, params):
+    if _is_primary():
+        paths.rmtree(dst)  # overwrite=True (checked): the old model goes first, nothing renames
+    _sync("save_model_remote_start")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(dst / PARAMS_ITEM, params)
+        ckptr.wait_until_finished()
+    if _is_primary():
+        write_model_config(dst, config)
+    _sync("save_model_remote_done")
     return dst

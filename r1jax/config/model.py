@@ -32,6 +32,11 @@ RematPolicy = Annotated[Literal["none", "full", "dots", "dots_no_batch"], Choice
 # softmax over query × key blocks with a recomputing backward, memory linear in T (long sequences);
 # "splash" jax's Pallas TPU kernel, "cudnn" cuDNN's flash attention (GPU; model/kernels.py); "auto"
 # splash on TPU, cudnn on a GPU where it applies, chunked elsewhere.
+# How a stack of identical layers is looped over: "scan" (one compiled layer body, its activations
+# stacked per layer for the backward pass), "unroll" (every layer compiled in line: no stacking copies,
+# compile time grows with depth), "auto" (unroll on CPU, where the stacking copies cost a measured
+# share of a small model's step; scan on accelerators: benchmarks/README.md, "Defaults per backend").
+LayerLoop = Annotated[Literal["auto", "scan", "unroll"], Choice("layer loop")]
 AttentionImpl = Annotated[Literal["dot", "chunked", "splash", "cudnn", "auto"], Choice("attention implementation")]
 
 # ---- the HF side: model_type -> architectures entry, and what transformers assumes for absent keys
@@ -218,6 +223,7 @@ class ModelConfig(_HFModel):
     # (r1jax/model/experts.py, docs/deepseek_v3.md §5).
     ragged_buffer_factor: Optional[float] = _r1(default=None)
     remat_policy: RematPolicy = _r1(default="none")
+    layer_loop: LayerLoop = _r1(default="auto")
     # Full-sequence attention: "dot" (scores materialized, O(T²) memory), "chunked" (blockwise
     # online softmax, O(T) memory forward and backward; same result to fp32 rounding), or a fused
     # kernel: "splash" (TPU), "cudnn" (GPU), "auto" (AttentionImpl above). Decode steps always use
@@ -284,6 +290,7 @@ class ModelConfig(_HFModel):
             self._validate_rope()
         check_choice(self.moe_dispatch, MoeDispatch, "moe_dispatch")
         check_choice(self.remat_policy, RematPolicy, "remat_policy")
+        check_choice(self.layer_loop, LayerLoop, "layer_loop")
         check_choice(self.attention_impl, AttentionImpl, "attention_impl")
 
     def _validate_routing(self):
@@ -392,6 +399,7 @@ class DenseConfig(_HFModel):
     dtype: Dtype = _r1(default="float32")
     param_dtype: Dtype = _r1(default="float32")
     remat_policy: RematPolicy = _r1(default="none")
+    layer_loop: LayerLoop = _r1(default="auto")
     # Full-sequence attention: "dot" (scores materialized, O(T²) memory), "chunked" (blockwise
     # online softmax, O(T) memory forward and backward; same result to fp32 rounding), or a fused
     # kernel: "splash" (TPU), "cudnn" (GPU), "auto" (AttentionImpl above). Decode steps always use
@@ -458,6 +466,7 @@ class DenseConfig(_HFModel):
         if self.rope_scaling is not None:
             self._validate_rope()
         check_choice(self.remat_policy, RematPolicy, "remat_policy")
+        check_choice(self.layer_loop, LayerLoop, "layer_loop")
         check_choice(self.attention_impl, AttentionImpl, "attention_impl")
 
     def _validate_hf_extra(self):

@@ -18,15 +18,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from r1jax.errors import CheckpointError
-
-
-def check_destination(dst: Path, overwrite: bool) -> None:
-    """An existing, non-empty `dst` is only ever replaced with overwrite=True."""
-    if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"{dst}: exists and is not a directory")
-    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
-        raise CheckpointError(f"{dst}: already exists and is not empty (pass overwrite=True)")
+from r1jax.paths import check_destination
 
 
 # fsyncs waiting on the disk together: ext4 commits them in shared journal transactions, ~2x faster

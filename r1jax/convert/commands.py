@@ -10,6 +10,11 @@ of a slab are read, cast, (de)quantized and written by a pool of threads, and wh
 back to disk in the background (atomic.AtomicDir.flush_soon). Both directions check everything they
 can (names, shapes, dtypes, headers, the destination) before writing, and the destination appears
 only once complete and on disk.
+
+Either side may be on gs:// (r1jax/paths.py). An orbax source there is read by tensorstore's own GCS
+driver; a Hugging Face source is downloaded to a local staging directory first (its reader preads the
+safetensors files), and a destination there is written locally and uploaded file by file once
+complete, config files last. Staging needs local disk for the whole model.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from r1jax import paths
 from r1jax.checkpoint import orbax_io
 from r1jax.config import DTYPES
 from r1jax.convert import fp8, hf, hf_io, orbax_stream
@@ -159,19 +165,32 @@ def hf_to_orbax(src, dst, *, dtype=None, overwrite: bool = False, progress: bool
     checkpoint: DST/config.yaml, DST/params/ (orbax) and the files that came with the weights
     (tokenizer, generation_config.json, ...). DST loads with `r1jax.load_pretrained` and as a train
     config's `init_from`. dtype defaults to the checkpoint's own (bfloat16 for FP8)."""
-    out = AtomicDir(dst, overwrite)
-    with hf_io.open_hf(src, _dtype(dtype)) as ckpt, out as tmp, _buffers_returned_on_free():
+    with _destination(dst, overwrite, "hf-to-orbax") as out, paths.local_source(src, "hf-source") as src:
+        _hf_to_orbax(src, out, _dtype(dtype), progress)
+    return paths.as_path(dst)
+
+
+@contextlib.contextmanager
+def _destination(dst, overwrite: bool, what: str):
+    """The AtomicDir to write `dst` through: `dst` itself when local; on gs:// a local one uploaded when
+    complete. The destination is checked before any work either way."""
+    paths.check_destination(dst, overwrite)
+    with paths.local_destination(dst, what) as local:
+        yield AtomicDir(local, overwrite)
+
+
+def _hf_to_orbax(src: Path, out: AtomicDir, dtype, progress: bool) -> None:
+    with hf_io.open_hf(src, dtype) as ckpt, out as tmp, _buffers_returned_on_free():
         with _bar(_param_bytes(ckpt.cfg), "hf-to-orbax", progress) as bar, ThreadPoolExecutor(WORKERS) as pool:
             orbax_stream.save_params(tmp / orbax_io.PARAMS_ITEM, _streamed_tree(ckpt, bar, pool), out.flush_soon)
         orbax_io.write_model_config(tmp, ckpt.cfg)
         hf_io.copy_assets(src, tmp)
-    return Path(dst)
 
 
 # --------------------------------------------------------------------------- orbax -> HF
 
 
-def _open_orbax(src: Path):
+def _open_orbax(src):
     cfg = orbax_io.read_model_config(src)
     ents = hf.entries(cfg)
     expected = {e.leaf_name: jax.ShapeDtypeStruct(e.spec.shape, param_dtype(e.spec, cfg)) for e in ents}
@@ -229,12 +248,19 @@ def orbax_to_hf(src, dst, *, max_shard_size="5GB", dtype=None, quantize=None, ov
     quantize='fp8' writes DeepSeek's FP8 release format (fp8.quantize: float8_e4m3fn projections with
     float32 `weight_scale_inv` per 128x128 block, the other weights in `dtype`, default bfloat16, and
     quantization_config in config.json)."""
-    out = AtomicDir(dst, overwrite)
-    max_bytes, dtype, src = parse_size(max_shard_size), _dtype(dtype), Path(src)
+    paths.check_destination(dst, overwrite)
+    max_bytes, dtype = parse_size(max_shard_size), _dtype(dtype)
+    src = orbax_io.checkpoint_root(src)  # a run directory: its checkpoints/
     cfg, ents, stores = _open_orbax(src)
     quantize = _quantize(quantize, cfg)
     dtype = dtype or ("bfloat16" if quantize else None)
     plan = hf.tensor_plan(cfg, dtype, quantize)
+    with _destination(dst, overwrite, "orbax-to-hf") as out:
+        _write_hf(out, src, cfg, ents, stores, plan, dtype, quantize, max_bytes, progress)
+    return paths.as_path(dst)
+
+
+def _write_hf(out: AtomicDir, src, cfg, ents, stores, plan, dtype, quantize, max_bytes: int, progress: bool) -> None:
     budget = _budget(cfg)
     with out as tmp, _buffers_returned_on_free():
         with (ShardedWriter(tmp, plan, max_bytes) as writer, ThreadPoolExecutor(WORKERS) as pool,
@@ -254,7 +280,6 @@ def orbax_to_hf(src, dst, *, max_shard_size="5GB", dtype=None, quantize=None, ov
                     unflushed = 0
         hf_io.write_config_files(tmp, cfg, dtype or cfg.param_dtype, assets_from=orbax_io.config_dir(src),
                                  quantization_config=fp8.QUANTIZATION_CONFIG if quantize else None)
-    return Path(dst)
 
 
 # --------------------------------------------------------------------------- command line
@@ -282,14 +307,15 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
                                                "streamed tensor by tensor.")
     sub = parser.add_subparsers(dest="direction", required=True)
     a = sub.add_parser("hf-to-orbax", help="HF directory (bf16/fp32 or the FP8 release) -> r1jax checkpoint")
-    a.add_argument("src", metavar="SRC", help="Hugging Face directory: config.json + safetensors (+ index)")
-    a.add_argument("dst", metavar="DST", help="r1jax checkpoint directory to create")
+    a.add_argument("src", metavar="SRC", help="Hugging Face directory: config.json + safetensors (+ index); local or gs://")
+    a.add_argument("dst", metavar="DST", help="r1jax checkpoint directory to create; local or gs://")
     a.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the checkpoint's; bfloat16 for FP8)")
     a.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     a.set_defaults(func=_run_hf_to_orbax)
     b = sub.add_parser("orbax-to-hf", help="r1jax checkpoint -> Hugging Face directory")
-    b.add_argument("src", metavar="SRC", help="r1jax model checkpoint, or training checkpoint directory (latest step)")
-    b.add_argument("dst", metavar="DST", help="Hugging Face directory to create")
+    b.add_argument("src", metavar="SRC", help="r1jax model checkpoint, a training run's directory, its checkpoints/ "
+                                              "(latest step) or one step in it (checkpoints/<step>); local or gs://")
+    b.add_argument("dst", metavar="DST", help="Hugging Face directory to create; local or gs://")
     b.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
     b.add_argument("--dtype", choices=DTYPES, help="dtype of the written weights (default: the checkpoint's; "

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1jax import paths
 from r1jax.config import DenseConfig, ModelConfig, config_from_hf
 from r1jax.convert import fp8, hf
 from r1jax.convert.atomic import AtomicDir
@@ -31,7 +31,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 
 
 def read_hf_config(path) -> dict:
-    f = Path(path) / CONFIG
+    f = paths.as_path(path) / CONFIG
     try:
         d = json.loads(f.read_text())
     except FileNotFoundError:
@@ -45,7 +45,7 @@ def asset_files(src) -> list[Path]:
     """Files that travel with the weights (tokenizer.json, tokenizer_config.json,
     special_tokens_map.json, generation_config.json, chat templates, README, ...): every top-level
     file but config.json, the weights and their index."""
-    return [f for f in sorted(Path(src).iterdir())
+    return [f for f in sorted(paths.as_path(src).iterdir())
             if f.is_file() and not f.name.startswith(".") and f.name not in _NOT_ASSETS
             and not f.name.endswith(_WEIGHT_SUFFIXES)]
 
@@ -53,7 +53,7 @@ def asset_files(src) -> list[Path]:
 def copy_assets(src, dst) -> list[str]:
     files = asset_files(src)
     for f in files:
-        shutil.copy2(f, Path(dst) / f.name)
+        paths.copy_file(f, paths.as_path(dst) / f.name)
     return [f.name for f in files]
 
 
@@ -171,10 +171,11 @@ def save_hf(path, cfg: ModelConfig | DenseConfig, params: dict, *, dtype=None, m
     """Write params as a HF directory; every leaf is checked before anything is written, and the
     directory appears only once complete."""
     hf.check_params(cfg, params)
-    with AtomicDir(path, overwrite) as tmp:
+    paths.check_destination(path, overwrite)
+    with paths.local_destination(path, "save-hf") as local, AtomicDir(local, overwrite) as tmp:  # gs://: uploaded
         with ShardedWriter(tmp, hf.tensor_plan(cfg, dtype), max_shard_size) as writer:
             for e in hf.entries(cfg):
                 hf.write_leaf(writer, e, cfg, hf.full_slab(e), np.asarray(hf.get_leaf(params, e.keys)), dtype)
         first = params["embed"].dtype if dtype is None else dtype
         write_config_files(tmp, cfg, jnp.dtype(first).name)
-    return Path(path)
+    return paths.as_path(path)

@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from r1jax import paths
 from r1jax.checkpoint.orbax_io import check_tree, flat_leaves
 from r1jax.errors import CheckpointError
 
@@ -154,7 +155,7 @@ def read_in_order(store: ts.TensorStore, index: tuple, order: tuple[int, ...]) -
 def open_leaves(params_dir, expected: dict) -> dict[str, ts.TensorStore]:
     """{leaf name: tensorstore array} of an orbax params directory, after checking its leaves, shapes
     and dtypes against `expected` ({dotted leaf name: jax.ShapeDtypeStruct}) from the metadata alone."""
-    params_dir = epath.Path(Path(params_dir).absolute())
+    params_dir = epath.Path(paths.absolute(params_dir))  # gs:// too: tensorstore reads it directly
     use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(params_dir)
     if not use_ocdbt:
         # Checked here because orbax's own metadata read, failing on a missing array, leaves tensorstore

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
+from r1jax import paths
 from r1jax.config import TaskConfig
 from r1jax.config.stages import TASK_SOURCES
 from r1jax.data import code_task, tasks
@@ -316,7 +317,13 @@ _READERS = {"jsonl": JsonlSource, "parquet": ParquetSource, "arrow": ArrowSource
 
 
 def expand(spec: str) -> list[str]:
-    """A path, glob or `save_to_disk` directory → sorted matching files; DataError when nothing matches."""
+    """A path, glob or `save_to_disk` directory → sorted matching files; DataError when nothing matches.
+    A gs:// path or glob names remote files (r1jax/paths.py)."""
+    if paths.is_remote(spec):
+        files = paths.remote_files(spec)
+        if not files:
+            raise DataError(f"{spec}: " + ("no files match" if glob.has_magic(spec) else "no such file"))
+        return files
     if glob.has_magic(spec):
         files = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
         if not files:
@@ -350,4 +357,5 @@ def open_source(spec: str, *, fmt: str = "auto", task: TaskConfig | None = None)
         if spec.startswith("task:code:"):
             return [CodeTaskSource(spec.removeprefix("task:code:"))]
         return [TaskSource(task or TaskConfig(), spec.removeprefix("task:"))]
-    return [_READERS[format_of(f, fmt)](f) for f in expand(spec)]
+    # A remote file is read from a local copy: the readers need random access (pread, parquet, ArrayRecord).
+    return [_READERS[format_of(f, fmt)](paths.local_copy(f) if paths.is_remote(f) else f) for f in expand(spec)]

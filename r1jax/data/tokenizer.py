@@ -31,6 +31,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
+from r1jax import paths
 from r1jax.data.chat_template import (
     SPECIAL_TOKEN_NAMES, ChatTemplate, compile_template, content_spans, overlap_mask, with_turn_ends,
 )
@@ -136,9 +137,9 @@ class Tokenizer:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write tokenizer.json, tokenizer_config.json (special tokens and the chat template) and
         special_tokens_map.json, as transformers' AutoTokenizer reads them."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(d / "tokenizer.json"))
+        d = paths.as_path(directory)  # local or gs://
+        paths.makedirs(d)
+        (d / "tokenizer.json").write_text(self.hf.to_str(pretty=True))  # what hf.save writes
         named = dict(self.template.special_tokens)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
                   "clean_up_tokenization_spaces": False, "model_max_length": 1 << 20, **self.config,
@@ -203,7 +204,7 @@ def model_tokenizer_dir(init_from) -> Path | None:
     directory or one step in it (the directory the steps are in). None when it has none."""
     if init_from is None:
         return None
-    p = Path(init_from)
+    p = paths.as_path(init_from)
     for d in (p, p / "checkpoints", p.parent if p.name.isdigit() else None):
         if d is not None and (d / "tokenizer.json").is_file():
             return d
@@ -222,12 +223,12 @@ def load_tokenizer(spec: str | os.PathLike = "builtin", init_from=None) -> Token
         spec = "builtin" if found is None else found
     if str(spec) == "builtin":
         return builtin_tokenizer()
-    path = Path(spec)
+    path = paths.as_path(spec)  # local or gs://
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise DataError(f"{spec}: no tokenizer.json there")
     try:
-        hf = tokenizers.Tokenizer.from_file(str(file))
+        hf = tokenizers.Tokenizer.from_str(file.read_text())
     except Exception as e:  # tokenizers raises plain Exception on malformed files
         raise DataError(f"{file}: not a valid tokenizer.json: {e}") from None
     config_path = file.parent / "tokenizer_config.json"

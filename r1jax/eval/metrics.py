@@ -16,8 +16,7 @@ import json
 import numbers
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-
+from r1jax import paths
 from r1jax.errors import ConfigError, DataError
 
 
@@ -115,10 +114,10 @@ def results_table(summaries: dict[str, dict]) -> list[dict]:
     return [{"task": name, **summary} for name, summary in summaries.items()]
 
 
-def write_jsonl(rows: Iterable[dict], path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+def write_jsonl(rows: Iterable[dict], path):
+    path = paths.as_path(path)  # local or gs://
+    paths.makedirs(path.parent)
+    with path.open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     return path

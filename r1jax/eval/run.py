@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from r1jax import api, plugins
+from r1jax import api, paths, plugins
 from r1jax.config import DataConfig, ModelConfig, VerifierName, check_names
 from r1jax.data import tasks
 from r1jax.data.pipeline import make_prompt_iterator
@@ -85,7 +84,7 @@ def run_eval(cfg) -> dict:
                                       verify=verify)
     if jax.process_index() != 0:
         return summary
-    out = Path(cfg.out_dir)
+    out = paths.as_path(cfg.out_dir)
     rows = results_table({",".join(cfg.prompts.sources): summary})
     write_jsonl(rows, out / "results.jsonl")
     write_jsonl(records, out / "records.jsonl")

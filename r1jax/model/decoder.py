@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from r1jax.config import RematPolicy, check_names
 from r1jax.model.arch import architecture
+from r1jax.model.kernels import platform
 from r1jax.model.layers import cast_tree, rms_norm, swiglu
 from r1jax.parallel.rules import constrain
 
@@ -53,12 +54,22 @@ def dense_ffn(p: dict, x: jax.Array):
     return swiglu(p, x), None
 
 
-def scan(body, h: jax.Array, xs, remat_policy: str = "none"):
+# layer_loop "auto" -> unrolled on these platforms (measured: benchmarks/README.md), scanned elsewhere.
+UNROLL_ON = ("cpu",)
+
+
+def unrolled(cfg) -> bool:
+    """Whether cfg's layer stacks are unrolled on the platform being traced for."""
+    return cfg.layer_loop == "unroll" or (cfg.layer_loop == "auto" and platform() in UNROLL_ON)
+
+
+def scan(body, h: jax.Array, xs, remat_policy: str = "none", unroll: bool = False):
     """`jax.lax.scan(body, h, xs)` over a stack's leading layer axis; under a remat policy each layer's
-    activations are recomputed in the backward pass (what the policy saves is kept)."""
+    activations are recomputed in the backward pass (what the policy saves is kept). `unroll` compiles
+    every layer in line (the same math)."""
     if remat_policy != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat_policy], prevent_cse=False)
-    return jax.lax.scan(body, h, xs)
+    return jax.lax.scan(body, h, xs, unroll=unroll)
 
 
 def stack(params: dict, h: jax.Array, cfg, block):
@@ -70,7 +81,7 @@ def stack(params: dict, h: jax.Array, cfg, block):
         def body(carry, p, is_moe=group.moe):
             return block(p, carry, is_moe)
 
-        h, out = scan(body, h, params[name], cfg.remat_policy)
+        h, out = scan(body, h, params[name], cfg.remat_policy, unrolled(cfg))
         if group.moe:
             stats = out
     return h, stats

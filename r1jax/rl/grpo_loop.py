@@ -179,7 +179,7 @@ def global_batch(batch: dict, shardings: dict) -> dict:
 def _write_samples(run_dir: Path, step: int, roll: Rollout, adv: np.ndarray) -> None:
     d = run_dir / "samples"
     d.mkdir(parents=True, exist_ok=True)
-    with open(d / f"step_{step:06d}.jsonl", "w") as f:
+    with (d / f"step_{step:06d}.jsonl").open("w") as f:  # the run directory may be gs://
         for i, text in enumerate(roll.texts):
             f.write(json.dumps({"prompt": roll.prompts_text[i], "completion": text, "answer": roll.answers[i],
                                 "reward": None if np.isnan(roll.rewards[i]) else float(roll.rewards[i]),

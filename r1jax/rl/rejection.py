@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from r1jax import paths
 from r1jax.config import RejectionConfig
 from r1jax.data.pipeline import make_prompt_iterator
 from r1jax.data.tokenizer import completion_texts
@@ -35,6 +36,9 @@ def _keep(prompt: str, completion: str, answer, n_tokens: int, finished: bool, c
     return None
 
 
+SYNC_EVERY_S = 30.0  # on gs://: how often the partial dataset and its marker are copied up
+
+
 def _write_atomic(path: Path, text: str) -> None:
     part = path.with_name(path.name + ".part")
     part.write_text(text)
@@ -44,8 +48,24 @@ def _write_atomic(path: Path, text: str) -> None:
 def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, progress: bool = False) -> dict:
     """Write kept samples to `out_path` (jsonl of {"messages": [...], "id", "answer"}) and
     `out_path` + `.stats.json`; return the statistics. Progress is recorded after every batch, so a
-    killed run, started again, continues where it stopped (same seeds, same output)."""
-    out_path = Path(out_path)
+    killed run, started again, continues where it stopped (same seeds, same output). On gs:// the
+    files are written locally and copied up (every 30 s and at the end; paths.LocalMirror)."""
+    if not paths.is_remote(out_path):
+        return _rejection_sample(params, model_cfg, cfg, tok, Path(out_path), progress)
+    remote = paths.as_path(out_path)
+    # The dataset and its progress marker after the partial rows they describe; the finished ones last.
+    names = [remote.name + suffix for suffix in (".tmp", ".progress.json", "", ".stats.json")]
+    with paths.LocalMirror(remote.parent, names, every_s=SYNC_EVERY_S, prefix="rejection") as mirror:
+        stats = _rejection_sample(params, model_cfg, cfg, tok, mirror.local / remote.name, progress, mirror.sync)
+        mirror.sync(force=True)
+    for leftover in names[:2]:  # the partial dataset and its marker, superseded by the finished one
+        if (remote.parent / leftover).exists():
+            (remote.parent / leftover).unlink()
+    return stats
+
+
+def _rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path: Path, progress: bool,
+                      after_batch=lambda: None) -> dict:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     marker = out_path.with_name(out_path.name + ".progress.json")
@@ -107,6 +127,7 @@ def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, 
                     bar.update(1)
             f.flush()
             _write_atomic(marker, json.dumps({"bytes": f.tell(), "stats": stats, "iterator": it.get_state()}))
+            after_batch()
     if bar is not None:
         bar.close()
     tmp.replace(out_path)  # the dataset appears only when complete

@@ -10,13 +10,12 @@ checkpoints (which every process writes its shards of)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax import api
+from r1jax import api, paths
 from r1jax.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
 from r1jax.data.pipeline import make_iterator
 from r1jax.data.tokenizer import load_tokenizer
@@ -35,7 +34,7 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 def teacher_config(dcfg: DistillConfig, student: ModelConfig, sizes: dict[str, int]):
     """The distillation teacher's config, read without its weights, checked against the student (same
     vocabulary: the KL compares the distributions id by id) and the mesh."""
-    path = Path(dcfg.teacher)
+    path = paths.as_path(dcfg.teacher)  # local or gs://
     teacher = api.read_config(path, "distill.teacher")
     if teacher.vocab_size != student.vocab_size:
         raise ConfigError(f"distill.teacher: vocab_size {teacher.vocab_size} of {path} differs from the student's "

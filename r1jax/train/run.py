@@ -36,6 +36,7 @@ import yaml
 
 from r1jax import api
 from r1jax import config as config_lib
+from r1jax import paths
 from r1jax.checkpoint.manager import CheckpointManager, install_sigterm_handler
 from r1jax.config import ModelConfig
 from r1jax.errors import ConfigError, R1JaxError
@@ -118,7 +119,7 @@ class Run:
 
     def __init__(self, cfg, model_cfg: ModelConfig, data, tokenizer=None):
         self.cfg, self.model_cfg, self.data = cfg, model_cfg, data
-        self.dir = Path(cfg.out_dir)
+        self.dir = paths.as_path(cfg.out_dir)  # local, or gs:// (r1jax/paths.py)
         self.primary = jax.process_index() == 0
         self.status = "completed"  # a loop sets "data_exhausted" when its data runs out
         self.step = 0
@@ -126,7 +127,7 @@ class Run:
         ckpt_cfg = cfg.checkpoint
         if not ckpt_cfg.directory:
             ckpt_cfg = dataclasses.replace(ckpt_cfg, directory=str(self.dir / "checkpoints"))
-        self.dir.mkdir(parents=True, exist_ok=True)
+        paths.makedirs(self.dir)
         self.manager = CheckpointManager(ckpt_cfg, model_config=model_cfg)
         self._closing = contextlib.ExitStack()
         self._closing.callback(self.manager.close)
