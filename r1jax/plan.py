@@ -270,19 +270,20 @@ def lower_step(cfg: TrainConfig, m: ModelConfig, mesh, platform: str | None = No
 
 
 def lower_grpo_update(cfg: GRPOConfig, mesh):
-    """GRPO's policy update (μ inner steps on one rollout batch; policy, Adam and, with β > 0, π_ref in
-    its state) traced and lowered from abstract inputs, sharded as `r1jax train` shards it."""
+    """GRPO's policy update (every optimizer step of one rollout: μ passes over its mini-batches of
+    micro-batches; policy, Adam and, with β > 0, π_ref in its state) traced and lowered from abstract
+    inputs, sharded as `r1jax train` shards it."""
     from r1jax.model.params import param_shapes
     from r1jax.model.sharding import param_shardings
-    from r1jax.rl import grpo_loop
+    from r1jax.rl import grpo_update
     from r1jax.train import optimizer
 
-    m, tx = cfg.model, optimizer.build(cfg.optimizer, cfg.steps)
-    abstract = jax.eval_shape(lambda p: grpo_loop.init_state(p, tx, cfg), param_shapes(m))
+    m, tx = cfg.model, optimizer.build(cfg.optimizer, cfg.steps * grpo_update.optimizer_steps(cfg))
+    abstract = jax.eval_shape(lambda p: grpo_update.init_state(p, tx, cfg), param_shapes(m))
     state_sh = rules_lib.state_shardings(abstract, param_shardings(m, mesh, cfg.mesh), mesh)
-    shapes = grpo_loop.batch_shapes(cfg)
-    batch_sh = grpo_loop.batch_shardings(shapes, mesh, cfg.mesh)
-    update = grpo_loop.make_steps(m, cfg, tx, state_sh, batch_sh, mesh).update
+    shapes = grpo_update.batch_shapes(cfg)
+    batch_sh = grpo_update.batch_shardings(shapes, mesh, cfg.mesh)
+    update = grpo_update.make_steps(m, cfg, tx, state_sh, batch_sh, mesh).update
     with rules_lib.sharding_context(mesh, cfg.mesh):
         return update.trace(_with_shardings(abstract, state_sh), _with_shardings(shapes, batch_sh)).lower()
 
@@ -325,14 +326,16 @@ def plan_grpo(cfg: GRPOConfig, topology: topology_lib.Topology, *, name: str = "
     """GRPO's update compiled by XLA:TPU for `topology`, and (`sampler`) its rollout's prefill and decode
     step. The analytic side is its state (exact); the activation estimate is the train step's and is
     not repeated for the update. The rest of the state stays resident beside the rollout."""
-    from r1jax.rl.grpo_loop import check_mesh
+    from r1jax.rl.grpo_update import check_mesh, micro_batches
 
     m = resolved_model(cfg.model, "tpu")
     cfg = dataclasses.replace(cfg, model=m)
     chips = topology_lib.topology_devices(topology)
     sizes = mesh_lib.mesh_shape(cfg.mesh, len(chips), topology.slices)
     check_mesh(cfg, m, sizes)
-    rows = cfg.prompts.batch_size * cfg.num_generations // rules_lib.split_of("batch", cfg.mesh, sizes)
+    # The update's forward and backward see one micro-batch at a time.
+    rows = (cfg.prompts.batch_size * cfg.num_generations // micro_batches(cfg)
+            // rules_lib.split_of("batch", cfg.mesh, sizes))
     state = state_bytes(m, cfg.mesh, sizes, cfg.optimizer.moment_dtype)
     items = {"params": state["params"], "optimizer state (Adam mu, nu)": state["optimizer"],
              "reference params (beta > 0)": state["params"] if cfg.beta > 0 else 0.0}

@@ -2,6 +2,7 @@
 are written; resume after an interruption continues from the checkpoint; rollout and training under
 data/expert and fsdp/expert/tensor meshes equal the one-device run; bad meshes are named up front."""
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -43,7 +44,8 @@ def test_grpo_raises_the_reward_of_a_random_tiny_model(tmp_path):
 def test_training_batch_layout_and_masks():
     """Left-padded prompt + completion: positions restart at the first real token, padding has
     segment 0, the EOS token's log-prob is trained, truncated samples are masked under overlong=mask,
-    and an unjudgeable sample (reward None) gets no loss and advantage 0."""
+    and an unjudgeable sample (reward None) gets advantage 0 and stays in the loss (TRL; its KL term
+    applies), or leaves it under `unscored: drop`."""
     cfg = config.load_stage("configs/train/tiny_grpo.yaml", ["num_generations=2", "max_new_tokens=4",
                                                              "overlong=mask"])
     roll = Rollout(
@@ -59,8 +61,11 @@ def test_training_batch_layout_and_masks():
     np.testing.assert_array_equal(b["segment_ids"][0], [0, 0, 1, 1, 1, 1, 1, 0])
     np.testing.assert_array_equal(b["completion_mask"][0], [1, 1, 1, 0])  # EOS (3rd token) is trained
     assert not b["completion_mask"][1].any()  # truncated
-    assert not b["completion_mask"][2].any() and b["advantages"][2] == 0  # reward None
+    np.testing.assert_array_equal(b["completion_mask"][2], [1, 1, 0, 0])  # reward None: kept
+    assert b["advantages"][2] == 0 and b["advantages"][3] == 0  # alone in its group: nothing to compare
     assert b["advantages"][0] > 0 > b["advantages"][1]
+    dropped = training_batch(roll, dataclasses.replace(cfg, unscored="drop"), eos_id=1)
+    assert not dropped["completion_mask"][2].any() and dropped["completion_mask"][3].any()
 
 
 def test_training_batch_pads_to_the_mesh_rows_without_changing_the_loss():
@@ -86,7 +91,7 @@ def test_training_batch_pads_to_the_mesh_rows_without_changing_the_loss():
         return float(grpo.policy_loss(logp[:n], jnp.full((n, 3), -1.0), None, jnp.asarray(b["advantages"]),
                                       jnp.asarray(b["completion_mask"]), epsilon_low=0.2, epsilon_high=0.2, beta=0.0,
                                       aggregation="fixed_length", max_len=3,
-                                      num_completions=b["sample_mask"].sum())[0])
+                                      rows=b["sample_mask"].sum())[0])
 
     assert loss(padded) == pytest.approx(loss(plain), rel=1e-6) and loss(plain) != 0
 
@@ -110,10 +115,11 @@ MESH_RUN = ["eval_prompts=null", "progress=false", "samples_every=1", "max_new_t
 
 
 @functools.lru_cache
-def grpo_run(out: str, mesh: str | None):
+def grpo_run(out: str, mesh: str | None, extra: tuple = ()):
     """(metrics rows, completions per step, final params) of 2 GRPO steps; mesh None: one device."""
     spec = [f"mesh.{kv}" for kv in mesh.split(",")] if mesh else []
-    cfg = config.load_stage("configs/train/tiny_grpo.yaml", MESH_RUN + spec + [f"out_dir={out}/{mesh or 'one'}"])
+    name = (mesh or "one") + "".join(f"_{e}" for e in extra)
+    cfg = config.load_stage("configs/train/tiny_grpo.yaml", MESH_RUN + spec + list(extra) + [f"out_dir={out}/{name}"])
     result = train_grpo(cfg, devices=None if mesh else jax.devices()[:1])
     assert result.status == "completed" and result.step == 2
     samples = [[json.loads(line)["completion"] for line in (result.run_dir / "samples" / f"step_{s:06d}.jsonl")
@@ -127,17 +133,23 @@ def runs_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("grpo_mesh"))
 
 
+# Four mini-batches of 32 rows: 8 rows each, one per device of data=2 × expert=4.
+MINI_BATCHES = ("rollout_batches=4", "prompts.batch_size=8")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["data=2,expert=4", "fsdp=2,expert=2,tensor=2"])
-def test_grpo_under_a_mesh_equals_one_device(mesh, runs_dir):
-    """Two GRPO steps (μ = 2 updates each, KL to π_ref) under the mesh give the one-device run's
-    completions, losses and params. Sampling is at temperature 1: row b always draws from
+@pytest.mark.parametrize("mesh,extra", [("data=2,expert=4", ()), ("fsdp=2,expert=2,tensor=2", ()),
+                                        ("data=2,expert=4", MINI_BATCHES)])
+def test_grpo_under_a_mesh_equals_one_device(mesh, extra, runs_dir):
+    """Two GRPO steps (μ = 2 passes each, KL to π_ref; with MINI_BATCHES 4 mini-batches per pass, so 8
+    optimizer steps per rollout) under the mesh give the one-device run's completions, losses and params.
+    Sampling is at temperature 1: row b always draws from
     fold_in(key(seed), b), so the mesh does not change the random stream; the logits differ only by
     float summation order (~1e-7 relative), which could flip a sampled token only if a Gumbel-perturbed
     logit gap were that small. With the seed fixed that either happens or not, deterministically; it
     does not here, so the completions are compared exactly rather than fed in."""
-    ref_rows, ref_samples, ref_params = grpo_run(runs_dir, None)
-    rows, samples, params = grpo_run(runs_dir, mesh)
+    ref_rows, ref_samples, ref_params = grpo_run(runs_dir, None, extra)
+    rows, samples, params = grpo_run(runs_dir, mesh, extra)
     assert samples == ref_samples
     assert len({c for step in samples for c in step}) > 8  # varied completions: the rewards have variance
     for got, want in zip(rows, ref_rows):
@@ -145,6 +157,8 @@ def test_grpo_under_a_mesh_equals_one_device(mesh, runs_dir):
         for key in ("loss", "kl", "grad_norm", "entropy", "clip_fraction", "ratio_mean", "reward/mean"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6, err_msg=f"{mesh} {key}")
     assert rows[-1]["kl"] > 0  # the second step's policy has moved away from π_ref
+    if extra:  # later mini-batches are off-policy
+        assert abs(rows[0]["ratio_mean/last"] - 1) > 1e-4
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"{mesh} {jax.tree_util.keystr(path)}")
 
@@ -173,7 +187,7 @@ def test_router_bias_follows_the_rollout_load(rate):
 
     from r1jax.model import hidden
     from r1jax.model.params import init_params
-    from r1jax.rl.grpo_loop import GRPOState, update
+    from r1jax.rl.grpo_update import GRPOState, update
 
     cfg = config.load_stage("configs/train/tiny_grpo.yaml", [f"router_bias_update_rate={rate}", "beta=0"])
     mcfg = cfg.model

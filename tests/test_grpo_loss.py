@@ -27,9 +27,8 @@ def numpy_loss_and_grad(logp, old, ref, adv, mask, eps_lo, eps_hi, beta, how, ma
         dper = dper + beta * (1 - np.exp(d))
     N = per.shape[0]
     if how == "sequence_mean":
-        counts = mask.sum(1)
-        has = counts > 0
-        w = np.where(has[:, None], mask / np.maximum(counts, 1)[:, None], 0) / has.sum()
+        counts = mask.sum(1)  # an empty row adds 0 but counts among the N rows (TRL's `grpo`)
+        w = mask / np.maximum(counts, 1)[:, None] / N
     elif how == "token_mean":
         w = mask / mask.sum()
     else:
@@ -80,15 +79,15 @@ def test_advantages_match_numpy():
     r = rng.uniform(size=(5, 4)).astype(np.float32)
     valid = np.ones((5, 4), bool)
     valid[3, 1] = False
-    got = np.asarray(grpo.advantages(jnp.asarray(r), jnp.asarray(valid), scale=True, eps=1e-4))
+    got = np.asarray(grpo.advantages(jnp.asarray(r), jnp.asarray(valid), scale="group", eps=1e-4))
     for p in range(5):
         v = r[p][valid[p]]
         expect = (r[p] - v.mean()) / (v.std(ddof=1) + 1e-4)
         np.testing.assert_allclose(got[p][valid[p]], expect[valid[p]], rtol=1e-5)
         assert np.all(got[p][~valid[p]] == 0)
-    dr = np.asarray(grpo.advantages(jnp.asarray(r), jnp.asarray(valid), scale=False, eps=1e-4))
+    dr = np.asarray(grpo.advantages(jnp.asarray(r), jnp.asarray(valid), scale="none", eps=1e-4))
     np.testing.assert_allclose(dr[0], r[0] - r[0].mean(), rtol=1e-5)
-    same = np.asarray(grpo.advantages(jnp.ones((1, 4)), jnp.ones((1, 4), bool), scale=True, eps=1e-4))
+    same = np.asarray(grpo.advantages(jnp.ones((1, 4)), jnp.ones((1, 4), bool), scale="group", eps=1e-4))
     assert np.all(same == 0)
 
 

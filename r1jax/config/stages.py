@@ -351,10 +351,25 @@ class GRPOConfig:
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2  # DAPO clip-higher: 0.28
     loss_aggregation: Literal["sequence_mean", "token_mean", "fixed_length"] = "sequence_mean"
-    scale_rewards: bool = True  # divide advantages by the group std; false = Dr.GRPO
+    # Advantage scale (TRL's names): "group" std (GRPO), "batch" std of the whole rollout, "none" (Dr.GRPO);
+    # true/false mean "group"/"none".
+    scale_rewards: Union[bool, Literal["group", "batch", "none"]] = "group"
     advantage_eps: float = 1e-4
-    num_iterations: int = 1  # μ policy updates per batch of rollouts, π_old fixed at sampling
-    ref_refresh_steps: int = 0  # replace π_ref by the current policy every N steps (R1-Zero); 0 never
+    num_iterations: int = 1  # μ passes over the rollout's mini-batches, π_old fixed at sampling
+    # M: the rollout's rows split at random into M mini-batches, one optimizer step each (R1: 16); every
+    # mini-batch is optimizer.grad_accum_steps micro-batches. A step is M·μ optimizer steps.
+    rollout_batches: int = 1
+    ref_refresh_steps: int = 0  # replace π_ref by the current policy every N steps (rollouts; R1-Zero); 0 never
+    # Options of TRL's loss (docs/grpo.md): ratio per token or per sequence (GSPO), the two-sided clip δ
+    # of the unclipped branch, and the KL term weighted by the importance ratio (TRL's default: true).
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    delta: Optional[float] = None
+    use_bias_correction_kl: bool = False
+    # Edge cases (TRL's by default): a completion whose total reward is None stays in the loss with
+    # advantage 0 ("keep"; its KL term applies) or is masked out ("drop"); under sequence_mean a fully
+    # masked row counts in the mean's denominator ("count") or not ("skip").
+    unscored: Literal["keep", "drop"] = "keep"
+    masked_rows: Literal["count", "skip"] = "count"
     dynamic_sampling: bool = False  # DAPO: drop zero-variance groups and sample more prompts
     max_sampling_rounds: int = 4
     overlong: Literal["none", "mask", "soft"] = "none"
@@ -383,6 +398,17 @@ class GRPOConfig:
         need(self.beta >= 0, "beta", f"must be >= 0, got {self.beta}")
         need(self.epsilon_low >= 0 and self.epsilon_high >= 0, "epsilon_low", "clip ranges must be >= 0")
         need(self.num_iterations >= 1, "num_iterations", f"must be >= 1, got {self.num_iterations}")
+        object.__setattr__(self, "scale_rewards", {True: "group", False: "none"}.get(self.scale_rewards,
+                                                                                      self.scale_rewards))
+        need(self.rollout_batches >= 1, "rollout_batches", f"must be >= 1, got {self.rollout_batches}")
+        rows = self.prompts.batch_size * self.num_generations
+        micro = self.rollout_batches * self.optimizer.grad_accum_steps
+        need(rows % micro == 0, "rollout_batches",
+             f"rollout_batches × optimizer.grad_accum_steps = {self.rollout_batches} × "
+             f"{self.optimizer.grad_accum_steps} must divide the rollout's prompts.batch_size × num_generations = "
+             f"{rows} rows")
+        need(self.delta is None or self.delta > 1, "delta",
+             f"the two-sided clip caps ratios at delta: must be > 1 (TRL advises > 1 + epsilon_high), got {self.delta}")
         need(self.ref_refresh_steps >= 0, "ref_refresh_steps", "must be >= 0")
         need(self.max_sampling_rounds >= 1, "max_sampling_rounds", "must be >= 1")
         need(0 <= self.overlong_cache_length < self.max_new_tokens or self.overlong != "soft",

@@ -18,16 +18,25 @@ from r1jax import model
 LOG_RATIO_CLAMP = 20.0  # keeps exp() finite when policies drift far apart
 
 
-def advantages(rewards: jax.Array, valid: jax.Array, *, scale: bool, eps: float) -> jax.Array:
-    """Group z-scores. rewards, valid [P,G] -> [P,G]; std with Bessel's correction; invalid samples
-    (reward None) take no part in the group statistics and get advantage 0."""
-    v = valid.astype(jnp.float32)
+def advantages(rewards: jax.Array, valid: jax.Array, *, scale: str, eps: float) -> jax.Array:
+    """Group-centred rewards. rewards, valid [P,G] -> [P,G]. Invalid samples (total reward None) take
+    no part in the statistics and get advantage 0. `scale`: "group" divides by each group's std (GRPO),
+    "batch" by the std of every valid reward of the rollout (TRL's `scale_rewards: batch`), "none" not
+    at all (Dr.GRPO). Stds use Bessel's correction; a std of fewer than two rewards counts as 0."""
+    v = valid.astype(rewards.dtype)
     n = v.sum(-1, keepdims=True)
     mean = (rewards * v).sum(-1, keepdims=True) / jnp.maximum(n, 1.0)
     centred = (rewards - mean) * v
-    if not scale:  # Dr.GRPO: no division by the std
+    if scale == "none":
         return centred
-    std = jnp.sqrt((centred ** 2).sum(-1, keepdims=True) / jnp.maximum(n - 1.0, 1.0))
+    if scale == "group":
+        std = jnp.sqrt((centred ** 2).sum(-1, keepdims=True) / jnp.maximum(n - 1.0, 1.0))
+    elif scale == "batch":
+        nb = v.sum()
+        dev = (rewards - (rewards * v).sum() / jnp.maximum(nb, 1.0)) * v
+        std = jnp.sqrt((dev ** 2).sum() / jnp.maximum(nb - 1.0, 1.0))
+    else:
+        raise ValueError(f"scale_rewards {scale!r}")
     return centred / (std + eps)
 
 
@@ -63,25 +72,34 @@ def token_logprobs(params: dict, tokens: jax.Array, positions: jax.Array, segmen
 
 def policy_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None, adv: jax.Array,
                 mask: jax.Array, *, epsilon_low: float, epsilon_high: float, beta: float,
-                aggregation: str, max_len: int, num_completions=None):
-    """Per-token ℓ = −min(r·Â, clip(r, 1−ε_low, 1+ε_high)·Â) + β·k3, aggregated.
+                aggregation: str, max_len: int, rows=None, tokens=None, importance_sampling_level: str = "token",
+                delta: float | None = None, use_bias_correction_kl: bool = False):
+    """Per-token ℓ = −min(w·Â, clip(r, 1−ε_low, 1+ε_high)·Â) + β·k3, aggregated; w = min(r, δ) with
+    `delta` (two-sided clip), else r. r is the token's ratio π/π_old, or with importance_sampling_level
+    "sequence" the geometric mean of the row's ratios (GSPO); with `use_bias_correction_kl` the k3 term
+    is weighted by r (unclipped). Formulas and TRL's names: docs/grpo.md.
 
-    logp/old_logp/ref_logp/mask [N, L] over completion tokens, adv [N]; num_completions: the rows
-    that are completions (default N; fewer when the batch is padded). -> (loss, metrics).
+    logp/old_logp/ref_logp/mask [N, L] over completion tokens, adv [N]; `rows`/`tokens`: the aggregation's
+    normalisers (see `aggregate`; default this batch's). -> (loss, metrics).
     """
-    mask = mask.astype(jnp.float32)
+    mask = mask.astype(logp.dtype)
     log_ratio = jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0))[:, None]
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level {importance_sampling_level!r}")
     ratio = jnp.exp(log_ratio)
     a = adv[:, None]
-    unclipped = ratio * a
     clipped = jnp.clip(ratio, 1 - epsilon_low, 1 + epsilon_high) * a
+    unclipped = (ratio if delta is None else jnp.minimum(ratio, delta)) * a
     per_token = -jnp.minimum(unclipped, clipped)
-    kl = jnp.zeros_like(per_token)
+    kl = jnp.zeros_like(logp)
     if beta > 0:
         d = jnp.clip(ref_logp - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
         kl = jnp.exp(d) - d - 1  # k3: unbiased, ≥ 0
-        per_token = per_token + beta * kl
-    loss = aggregate(per_token, mask, aggregation, max_len, num_completions)
+        per_token = per_token + beta * (kl * ratio if use_bias_correction_kl else kl)
+    per_token = jnp.broadcast_to(per_token, mask.shape)
+    loss = aggregate(per_token, mask, aggregation, max_len, rows=rows, tokens=tokens)
     n_tok = jnp.maximum(mask.sum(), 1.0)
     is_clipped = ((ratio < 1 - epsilon_low) & (a < 0)) | ((ratio > 1 + epsilon_high) & (a > 0))
     metrics = {
@@ -92,19 +110,24 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Array | None
     return loss, metrics
 
 
-def aggregate(per_token: jax.Array, mask: jax.Array, how: str, max_len: int, num_completions=None) -> jax.Array:
-    """sequence_mean (GRPO): mean over each completion's tokens, then over completions;
-    token_mean (DAPO): over all tokens of the batch; fixed_length (Dr.GRPO): sum / (N · max_len), N the
-    number of completions (default: rows; padding rows, all masked, are not completions)."""
+def aggregate(per_token: jax.Array, mask: jax.Array, how: str, max_len: int, *, rows=None, tokens=None) -> jax.Array:
+    """sequence_mean (GRPO): each completion's token mean, summed, / rows; token_mean (DAPO): the summed
+    token losses / tokens; fixed_length (Dr.GRPO): the summed token losses / (rows · max_len).
+
+    rows defaults to every row, tokens to the batch's unmasked tokens. The update passes the mini-batch's
+    completion rows and the rollout's tokens / mini-batches, so that micro-batch losses add up to the
+    mini-batch's (and padding rows, all masked, are no completions). A fully masked completion adds 0 to
+    the sum but counts in `rows` (as in TRL)."""
     if how == "sequence_mean":
+        rows = per_token.shape[0] if rows is None else rows
         per_seq = (per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
-        has = (mask.sum(-1) > 0).astype(jnp.float32)
-        return (per_seq * has).sum() / jnp.maximum(has.sum(), 1.0)
+        return per_seq.sum() / jnp.maximum(rows, 1)
     if how == "token_mean":
-        return (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+        tokens = mask.sum() if tokens is None else tokens
+        return (per_token * mask).sum() / jnp.maximum(tokens, 1.0)
     if how == "fixed_length":
-        n = per_token.shape[0] if num_completions is None else jnp.maximum(num_completions, 1)
-        return (per_token * mask).sum() / (n * max_len)
+        rows = per_token.shape[0] if rows is None else rows
+        return (per_token * mask).sum() / (jnp.maximum(rows, 1) * max_len)
     raise ValueError(f"loss_aggregation {how!r}")
 
 
@@ -119,18 +142,19 @@ def completion_logprobs(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig,
     return out[:, lp_start:]
 
 
-def loss_fn(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig):
-    """The GRPO objective on a rollout batch {tokens, positions, segment_ids, completion_mask,
-    advantages} with optional old_logp, ref_logp and sample_mask [N] (False for padding rows)."""
+def loss_fn(params, batch: dict, cfg: ModelConfig, gcfg: GRPOConfig, rows=None, tokens=None):
+    """The GRPO objective on a rollout (micro-)batch {tokens, positions, segment_ids, completion_mask,
+    advantages} with optional old_logp and ref_logp; rows/tokens: the normalisers (see `aggregate`)."""
     logp, ent, moe_stats = completion_logprobs(params, batch, cfg, gcfg, with_entropy=True)
-    rows = batch["sample_mask"].astype(jnp.float32).sum() if "sample_mask" in batch else None
-    # Without old_logp (μ = 1: one update per rollout) π_old is these very params, so its log-probs are
+    # Without old_logp (one policy update per rollout) π_old is these very params, so its log-probs are
     # this forward's, detached: the same loss and gradient without a second forward pass (TRL does the same).
     old_logp = batch["old_logp"] if "old_logp" in batch else jax.lax.stop_gradient(logp)
     loss, metrics = policy_loss(
         logp, old_logp, batch.get("ref_logp"), batch["advantages"], batch["completion_mask"],
         epsilon_low=gcfg.epsilon_low, epsilon_high=gcfg.epsilon_high, beta=gcfg.beta,
-        aggregation=gcfg.loss_aggregation, max_len=gcfg.max_new_tokens, num_completions=rows)
+        aggregation=gcfg.loss_aggregation, max_len=gcfg.max_new_tokens, rows=rows, tokens=tokens,
+        importance_sampling_level=gcfg.importance_sampling_level, delta=gcfg.delta,
+        use_bias_correction_kl=gcfg.use_bias_correction_kl)
     m = batch["completion_mask"].astype(jnp.float32)
     metrics["entropy"] = jax.lax.stop_gradient((ent * m).sum() / jnp.maximum(m.sum(), 1.0))
     metrics["loss"] = loss

@@ -1,5 +1,6 @@
 """The GRPO stage: sample G completions per prompt with the current policy, score them with the
-rule-based rewards, and take μ clipped policy-gradient updates — rollout and training share one
+rule-based rewards, and take the rollout's clipped policy-gradient steps (M mini-batches × μ passes,
+rl/grpo_update.py) — rollout and training share one
 params pytree in one process (no weight copy, identical MoE routing code).
 
 Every run is a mesh run, like SFT's (`train/loop.py`): the state lives in the shardings the rules give
@@ -12,44 +13,30 @@ padding) agree; only process 0 writes files other than checkpoints."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-import flax.struct
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
-from r1jax.config import GRPOConfig, ModelConfig
+from r1jax.config import GRPOConfig
 from r1jax.data.pipeline import make_prompt_iterator
 from r1jax.data.tokenizer import completion_texts, load_tokenizer
 from r1jax.eval.run import evaluate_model, prompt_rows
 from r1jax.infer import sampler
-from r1jax.model.params import param_shapes
+from r1jax.model.params import init_params, param_shapes
 from r1jax.model.sharding import param_shardings
-from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import rules as rules_lib
 from r1jax.rl import grpo, rewards as rewards_lib
+from r1jax.rl.grpo_update import (batch_shapes, batch_shardings, check_mesh, init_state, make_steps,
+                                  needs_old_logprobs, optimizer_steps, row_order)
 from r1jax.train import optimizer
 from r1jax.train.metrics import to_host
 from r1jax.train.run import Run, RunResult, check_vocab, mesh_and_model
-from r1jax.train.step import update_router_bias
-
-
-@flax.struct.dataclass
-class GRPOState:
-    step: jax.Array
-    params: dict
-    opt_state: optax.OptState
-    rng: jax.Array
-    ref_params: dict  # π_ref (empty when beta = 0)
 
 
 @dataclasses.dataclass
@@ -167,7 +154,7 @@ def training_batch(roll: Rollout, cfg: GRPOConfig, eos_id: int, rows: int | None
     real = np.concatenate([roll.prompt_mask.astype(bool), comp_real], axis=1)
     positions = np.maximum(np.cumsum(real, axis=1) - 1, 0)
     valid = ~np.isnan(roll.rewards)
-    mask = comp_real & valid[:, None]
+    mask = comp_real & valid[:, None] if cfg.unscored == "drop" else comp_real
     if cfg.overlong == "mask":
         mask &= roll.finished[:, None]  # DAPO overlong filtering: truncated samples teach nothing
     G = cfg.num_generations
@@ -184,81 +171,9 @@ def training_batch(roll: Rollout, cfg: GRPOConfig, eos_id: int, rows: int | None
     return batch
 
 
-def batch_shapes(cfg: GRPOConfig) -> dict:
-    """Global shapes of one training batch: N = prompts.batch_size × num_generations rows."""
-    N, Lp, M = cfg.prompts.batch_size * cfg.num_generations, cfg.prompts.seq_len, cfg.max_new_tokens
-    S = jax.ShapeDtypeStruct
-    shapes = {k: S((N, Lp + M), jnp.int32) for k in ("tokens", "positions", "segment_ids")}
-    shapes.update(completion_mask=S((N, M), jnp.bool_), advantages=S((N,), jnp.float32),
-                  sample_mask=S((N,), jnp.bool_))
-    if cfg.num_iterations > 1:  # μ = 1 takes π_old's log-probs from the update's own forward
-        shapes["old_logp"] = S((N, M), jnp.float32)
-    if cfg.beta > 0:
-        shapes["ref_logp"] = S((N, M), jnp.float32)
-    return shapes
-
-
-def batch_shardings(shapes: dict, mesh, rules) -> dict:
-    """Rows over the `batch` rule's axes (data×fsdp×expert), positions over `length`'s."""
-    return rules_lib.batch_shardings(shapes, mesh, rules)
-
-
-def init_state(params: dict, tx: optax.GradientTransformation, cfg: GRPOConfig) -> GRPOState:
-    # copy: π_ref must not share buffers with the params the update donates.
-    ref = jax.tree.map(jnp.copy, params) if cfg.beta > 0 else {}
-    return GRPOState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key(cfg.seed), ref)
-
-
-def update(state: GRPOState, batch: dict, *, cfg: ModelConfig, gcfg: GRPOConfig, tx):
-    """μ = num_iterations policy updates on one rollout batch (π_old fixed at sampling), then step + 1.
-    -> new state, the last update's metrics."""
-    def one(st, _):
-        (_, metrics), grads = jax.value_and_grad(grpo.loss_fn, has_aux=True)(st.params, batch, cfg, gcfg)
-        updates, opt_state = tx.update(grads, st.opt_state, st.params)
-        metrics["grad_norm"] = optax.global_norm(grads)
-        params = optax.apply_updates(st.params, updates)
-        # V3's aux-loss-free balancing keeps running in RL: b_i += γ·sign(mean load − load_i).
-        load = metrics.pop("moe_load", None)
-        params = update_router_bias(params, None if load is None else {"load": load}, gcfg.router_bias_update_rate)
-        return st.replace(params=params, opt_state=opt_state), metrics
-
-    state, metrics = jax.lax.scan(one, state, length=gcfg.num_iterations)
-    return state.replace(step=state.step + 1), jax.tree.map(lambda m: m[-1], metrics)
-
-
-@dataclasses.dataclass(frozen=True)
-class Steps:
-    """The compiled pieces of a GRPO step on one mesh (call them inside its sharding_context)."""
-
-    logprobs: Callable  # (params, batch) -> completion log-probs [N, M] at the sampling temperature
-    update: Callable  # (state, batch) -> (state, metrics); donates the state
-    refresh: Callable  # params -> a copy for π_ref
-
-
-def make_steps(model_cfg, cfg: GRPOConfig, tx, state_sh: GRPOState, batch_sh: dict, mesh) -> Steps:
-    replicated = NamedSharding(mesh, PartitionSpec())
-    inputs = {k: v for k, v in batch_sh.items() if k not in ("old_logp", "ref_logp")}
-    logprobs = jax.jit(functools.partial(grpo.completion_logprobs, cfg=model_cfg, gcfg=cfg),
-                       in_shardings=(state_sh.params, inputs),
-                       out_shardings=batch_sh["completion_mask"])  # [N, M], laid out like the mask
-    step = jax.jit(functools.partial(update, cfg=model_cfg, gcfg=cfg, tx=tx), in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, replicated), donate_argnums=0)
-    refresh = jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(state_sh.params,),
-                      out_shardings=state_sh.params)
-    return Steps(logprobs, step, refresh)
-
-
 def global_batch(batch: dict, shardings: dict) -> dict:
     """Every process holds the whole batch (the same rollout); each device takes its rows."""
     return {k: jax.make_array_from_process_local_data(shardings[k], v, v.shape) for k, v in batch.items()}
-
-
-def check_mesh(cfg: GRPOConfig, model_cfg, shape: dict[str, int]) -> None:
-    """What must divide, before anything is compiled: experts and heads, and the rollout rows over
-    the batch axes (sampling and training use the same rows)."""
-    mesh_lib.check_model(model_cfg, shape)
-    mesh_lib.check_batch(cfg.prompts.batch_size * cfg.num_generations, shape,
-                         "prompts.batch_size × num_generations", cfg.mesh)
 
 
 def _write_samples(run_dir: Path, step: int, roll: Rollout, adv: np.ndarray) -> None:
@@ -284,11 +199,74 @@ def _rollout_metrics(roll: Rollout, G: int) -> dict:
     return m
 
 
-def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
-    """Run (or resume) GRPO in cfg.out_dir on a mesh of `devices` (default: all) shaped by cfg.mesh.
+def update_metrics(m: dict) -> dict:
+    """The update's per-optimizer-step metrics [μ·M] -> the rollout's means, the first step's loss and
+    ratio (on-policy: 1) and the last step's (how far the rollout's last mini-batch is off-policy)."""
+    out = {k: float(np.mean(v)) for k, v in m.items()}
+    if len(m["loss"]) > 1:
+        out.update({"loss/first": float(m["loss"][0]), "loss/last": float(m["loss"][-1]),
+                    "ratio_mean/last": float(m["ratio_mean"][-1])})
+    return out
 
-    Rollout and training share one params pytree, laid out by the rules: the sampler runs on the
-    training state's params where they lie, with the rows split over the batch axes."""
+
+@dataclasses.dataclass
+class Session:
+    """Everything a GRPO run holds besides its state: the mesh, model, tokenizer, rewards, prompts and
+    the compiled steps (`prepare`); `step` advances a state by one rollout."""
+
+    cfg: GRPOConfig
+    mesh: object
+    model_cfg: object
+    params: dict | None  # the initial params (None: initialized from cfg.seed)
+    tok: object
+    reward_set: rewards_lib.RewardSet
+    prompt_it: object
+    tx: object
+    abstract: object
+    state_sh: object
+    batch_sh: dict
+    steps: object
+
+    def init_state(self):
+        """A fresh state from the initial params, laid out by the rules (no checkpoint)."""
+        params = self.params
+        if params is None:
+            params = init_params(self.model_cfg, jax.random.key(self.cfg.seed), out_shardings=self.state_sh.params)
+        params = jax.device_put(params, self.state_sh.params)
+        return jax.jit(lambda p: init_state(p, self.tx, self.cfg), out_shardings=self.state_sh)(params)
+
+    def step(self, state, step: int):
+        """One rollout and its M·μ optimizer steps (call inside the mesh's sharding_context).
+        -> (state, metrics, rollout, training batch or None when no group had reward variance)."""
+        cfg, steps = self.cfg, self.steps
+        roll, rstats = rollout(state.params, self.model_cfg, cfg, self.prompt_it, self.tok, self.reward_set, step,
+                               self.mesh)
+        metrics = {**_rollout_metrics(roll, cfg.num_generations), **rstats}
+        if len(roll.lengths) == 0:  # every group had equal rewards in every round: nothing to learn
+            return state, metrics, roll, None
+        batch = training_batch(roll, cfg, self.tok.eos_id, rows=cfg.prompts.batch_size * cfg.num_generations)
+        order = row_order(len(batch["tokens"]), cfg, step)
+        dev = global_batch({k: v[order] for k, v in batch.items()}, self.batch_sh)
+        t1 = time.perf_counter()
+        inputs = dict(dev)
+        if needs_old_logprobs(cfg):  # π_old: the params that sampled, fixed for the whole rollout
+            dev["old_logp"] = steps.logprobs(state.params, inputs)
+        if cfg.beta > 0:
+            dev["ref_logp"] = steps.logprobs(state.ref_params, inputs)
+        jax.block_until_ready(dev)
+        t2 = time.perf_counter()
+        state, m = steps.update(state, dev)
+        metrics.update(update_metrics(to_host(m)))
+        t3 = time.perf_counter()
+        if cfg.beta > 0 and cfg.ref_refresh_steps and (step + 1) % cfg.ref_refresh_steps == 0:
+            state = state.replace(ref_params=steps.refresh(state.params))
+        metrics.update(time_logprob=t2 - t1, time_update=t3 - t2)
+        return state, metrics, roll, batch
+
+
+def prepare(cfg: GRPOConfig, devices=None) -> Session:
+    """The mesh, model, tokenizer, rewards, prompts and compiled steps of a GRPO run, every check made
+    before anything is compiled."""
     mesh, model_cfg, params = mesh_and_model(cfg, devices)
     check_mesh(cfg, model_cfg, rules_lib.mesh_sizes(mesh))
     tok = load_tokenizer(cfg.prompts.tokenizer, cfg.init_from)
@@ -296,54 +274,41 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
     reward_set = rewards_lib.reward_set(cfg.rewards)
     # Every process reads the whole prompt batch: rollouts are identical everywhere (see `rollout`).
     prompt_it = make_prompt_iterator(cfg.prompts, tok, shard=grain.sharding.NoSharding())
+    tx = optimizer.build(cfg.optimizer, cfg.steps * optimizer_steps(cfg))  # the schedule counts optimizer steps
+    abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg), param_shapes(model_cfg))
+    state_sh = rules_lib.state_shardings(abstract, param_shardings(model_cfg, mesh, cfg.mesh), mesh)
+    batch_sh = batch_shardings(batch_shapes(cfg), mesh, cfg.mesh)
+    steps = make_steps(model_cfg, cfg, tx, state_sh, batch_sh, mesh)
+    return Session(cfg, mesh, model_cfg, params, tok, reward_set, prompt_it, tx, abstract, state_sh, batch_sh, steps)
+
+
+def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
+    """Run (or resume) GRPO in cfg.out_dir on a mesh of `devices` (default: all) shaped by cfg.mesh.
+
+    Rollout and training share one params pytree, laid out by the rules: the sampler runs on the
+    training state's params where they lie, with the rows split over the batch axes."""
+    s = prepare(cfg, devices)
     eval_prompts = None
     if cfg.eval_prompts is not None:
         eval_prompts = dataclasses.replace(cfg.eval_prompts, shard_index=0, shard_count=1)
-    tx = optimizer.build(cfg.optimizer, cfg.steps)
-    abstract = jax.eval_shape(lambda p: init_state(p, tx, cfg), param_shapes(model_cfg))
-    state_sh = rules_lib.state_shardings(abstract, param_shardings(model_cfg, mesh, cfg.mesh), mesh)
-    shapes = batch_shapes(cfg)
-    batch_sh = batch_shardings(shapes, mesh, cfg.mesh)
-    steps = make_steps(model_cfg, cfg, tx, state_sh, batch_sh, mesh)
 
-    with Run(cfg, model_cfg, prompt_it, tok) as run, rules_lib.sharding_context(mesh, cfg.mesh):
-        state, step = run.start(params, lambda p: init_state(p, tx, cfg), abstract, state_sh)
-        del params
+    with Run(cfg, s.model_cfg, s.prompt_it, s.tok) as run, rules_lib.sharding_context(s.mesh, cfg.mesh):
+        state, step = run.start(s.params, lambda p: init_state(p, s.tx, cfg), s.abstract, s.state_sh)
+        s.params = None
         last = {}
         while step < cfg.steps:
-            roll, rstats = rollout(state.params, model_cfg, cfg, prompt_it, tok, reward_set, step, mesh)
-            metrics = {**_rollout_metrics(roll, cfg.num_generations), **rstats}
-            if len(roll.lengths) == 0:  # every group had equal rewards in every round: nothing to learn
-                step += 1
-            else:
-                batch = training_batch(roll, cfg, tok.eos_id, rows=shapes["tokens"].shape[0])
-                dev = global_batch(batch, batch_sh)
-                t1 = time.perf_counter()
-                inputs = dict(dev)
-                if "old_logp" in batch_sh:  # μ > 1 (see batch_shapes)
-                    dev["old_logp"] = steps.logprobs(state.params, inputs)
-                if cfg.beta > 0:
-                    dev["ref_logp"] = steps.logprobs(state.ref_params, inputs)
-                jax.block_until_ready(dev)
-                t2 = time.perf_counter()
-                state, m = steps.update(state, dev)
-                m = to_host(m)
-                t3 = time.perf_counter()
-                step += 1
-                if cfg.beta > 0 and cfg.ref_refresh_steps and step % cfg.ref_refresh_steps == 0:
-                    state = state.replace(ref_params=steps.refresh(state.params))
-                metrics.update(m)
-                metrics.update(time_logprob=t2 - t1, time_update=t3 - t2)
-                if run.primary and cfg.samples_every and (step % cfg.samples_every == 0 or step == 1):
-                    _write_samples(run.dir, step, roll, batch["advantages"])
+            state, metrics, roll, batch = s.step(state, step)
+            step += 1
+            if batch is not None and run.primary and cfg.samples_every and (step % cfg.samples_every == 0 or step == 1):
+                _write_samples(run.dir, step, roll, batch["advantages"])
             if not np.isfinite(metrics.get("loss", 0.0)):
                 raise run.diverged(f"step {step}: GRPO loss is not finite")
             run.save(step, state)
             if eval_prompts is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                summary, _ = evaluate_model(state.params, model_cfg, eval_prompts, tok,
+                summary, _ = evaluate_model(state.params, s.model_cfg, eval_prompts, s.tok,
                                             num_samples=cfg.eval_samples,
                                             temperature=0.0 if cfg.eval_samples == 1 else cfg.temperature,
-                                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, mesh=mesh)
+                                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, mesh=s.mesh)
                 metrics.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
             if run.log_due(step):
                 run.log(step, metrics)
