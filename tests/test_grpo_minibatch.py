@@ -156,12 +156,12 @@ def test_scale_rewards_accepts_trl_booleans():
 
 def test_r1_setting_is_expressed_by_the_671b_config():
     """R1 (Nature version, Methods): 512 prompts × 16 = 8,192 completions per rollout in 16 mini-batches,
-    β 0.001, ε 10, lr 3e-6, π_ref refreshed every 400 optimizer steps; the rows split on 256 chips."""
+    β 0.001, ε 10, lr 3e-6, π_ref refreshed every 400 optimizer steps; the rows split on 512 chips."""
     from r1jax.rl.grpo_update import check_mesh, micro_batches, optimizer_steps
 
     cfg = config.load_stage("configs/train/deepseek_v3_671b_grpo_v5p.yaml")
     assert (cfg.prompts.batch_size, cfg.num_generations, cfg.rollout_batches, cfg.num_iterations) == (512, 16, 16, 1)
     assert (cfg.beta, cfg.epsilon_low, cfg.epsilon_high, cfg.optimizer.learning_rate) == (0.001, 10.0, 10.0, 3e-6)
     assert cfg.ref_refresh_steps * optimizer_steps(cfg) == 400
-    check_mesh(cfg, cfg.model, cfg.mesh.shape(256))
-    assert 512 * 16 // micro_batches(cfg) == 256  # one row per chip per micro-batch, as the update was planned
+    check_mesh(cfg, cfg.model, cfg.mesh.shape(512))
+    assert 512 * 16 // micro_batches(cfg) == 512  # one row per chip per micro-batch, as the update was planned
