@@ -105,3 +105,19 @@ def header(what: str, threads: int) -> str:
     cpu = platform.processor() or platform.machine()
     return (f"{what}\nmachine: {os.cpu_count()} CPUs ({cpu}), {threads} thread(s) each side; "
             f"load average now {load():.2f} (1 min)")
+
+
+def round_robin(fns: dict[str, Callable[[], object]], rounds: int = 5) -> dict[str, tuple[float, ...]]:
+    """Several variants timed in turn (a, b, c, a, b, c, …) after one untimed call each: name -> seconds."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(seconds(fn))
+    return {name: tuple(t) for name, t in times.items()}
+
+
+def versus(times: dict[str, tuple[float, ...]], reference: str, name: str) -> Comparison:
+    """`name` against `reference` from one round_robin: the per-round ratios reference / name."""
+    return Comparison(times[name], times[reference], float("nan"), float("nan"))

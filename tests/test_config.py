@@ -118,7 +118,7 @@ def test_overrides_apply_and_are_typed():
     (["n_group=3"], r"n_group: n_routed_experts \(8\) must be divisible"),
     (["topk_group=5"], r"topk_group: must be in \[1, n_group=4\]"),
     (["num_experts_per_tok=9"], r"num_experts_per_tok: must be in"),
-    (["moe_dispatch=magic"], r"moe_dispatch: unknown strategy 'magic'; valid: capacity, capacity_ep, dense, ragged, ragged_ep"),
+    (["moe_dispatch=magic"], r"moe_dispatch: unknown strategy 'magic'; valid: auto, blocked, capacity, capacity_ep, dense, ragged, ragged_ep"),
     (["remat_policy=some"], r"remat_policy: unknown policy"),
     (["rope_scaling.type=dynamic"], r"rope_scaling.type: only 'yarn'"),
     (["rope_scaling.factor=-1"], r"rope_scaling.factor: must be a positive number"),

@@ -178,6 +178,15 @@ def test_data_files_are_read_from_gs(gcs, tmp_path):
     sources = open_source(f"{gcs}/data/*.parquet")
     assert len(sources) == 1 and len(sources[0]) == 5
     assert [dict(sources[0][i].record) for i in range(5)] == rows
+    # a `datasets.save_to_disk` directory on the bucket: its Arrow files, in its own order
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"), num_shards=2)
+    paths.upload_tree(tmp_path / "saved", f"{gcs}/data/saved")
+    saved = open_source(f"{gcs}/data/saved")
+    assert [dict(s[i].record) for s in saved for i in range(len(s))] == rows
+    with pytest.raises(DataError, match=f"{gcs}/data: a directory, but not one `datasets.save_to_disk` wrote"):
+        open_source(f"{gcs}/data")
     with pytest.raises(DataError, match=f"{gcs}/data/missing.jsonl: no such file"):
         open_source(f"{gcs}/data/missing.jsonl")
     with pytest.raises(DataError, match="no files match"):

@@ -220,8 +220,8 @@ class ArrowSource:
 
 def dataset_dir_files(path: str) -> list[str]:
     """A `datasets.save_to_disk` directory → its Arrow files, in order. A DatasetDict directory (one
-    sub-directory per split) is refused with the splits to choose from."""
-    d = Path(path)
+    sub-directory per split) is refused with the splits to choose from. Local or gs://."""
+    d = paths.as_path(path)
     if (d / "dataset_dict.json").is_file():
         splits = json.loads((d / "dataset_dict.json").read_text()).get("splits", [])
         raise DataError(f"{path}: a DatasetDict with splits {', '.join(splits)}; name one, e.g. "
@@ -320,6 +320,8 @@ def expand(spec: str) -> list[str]:
     """A path, glob or `save_to_disk` directory → sorted matching files; DataError when nothing matches.
     A gs:// path or glob names remote files (r1jax/paths.py)."""
     if paths.is_remote(spec):
+        if not glob.has_magic(spec) and paths.as_path(spec).is_dir():
+            return dataset_dir_files(spec)
         files = paths.remote_files(spec)
         if not files:
             raise DataError(f"{spec}: " + ("no files match" if glob.has_magic(spec) else "no such file"))
