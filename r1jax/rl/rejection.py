@@ -20,13 +20,14 @@ from r1jax.rl import rewards
 THINK_PREFIX = "<think>\n"  # the R1 generation prompt ends inside the reasoning block
 
 
-def _keep(prompt: str, completion: str, answer, n_tokens: int, finished: bool, cfg: RejectionConfig) -> str | None:
+def _keep(prompt: str, completion: str, answer, n_tokens: int, finished: bool, cfg: RejectionConfig,
+          task: str | None = None) -> str | None:
     """None if kept, else the reason it was rejected."""
     if not finished:
         return "truncated"
     if n_tokens < cfg.min_tokens:
         return "too_short"
-    if answer is None or rewards.accuracy([prompt], [completion], answer=[answer])[0] != 1.0:
+    if answer is None or rewards.accuracy([prompt], [completion], answer=[answer], task=[task])[0] != 1.0:
         return "incorrect"
     if cfg.require_format and rewards.format_reward([prompt], [completion], prompt_texts=[prompt])[0] != 1.0:
         return "format"
@@ -104,7 +105,7 @@ def _rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path: Pa
                     i = p * cfg.num_samples + s
                     n, text = int(out.lengths[i]), texts[i]
                     stats["samples"] += 1
-                    reason = _keep(prompt_text, text, answer, n, bool(out.finished[i]), cfg)
+                    reason = _keep(prompt_text, text, answer, n, bool(out.finished[i]), cfg, batch["columns"][p].get("task"))
                     key = " ".join(text.split())
                     if reason is None and key in seen:
                         reason = "duplicate"
