@@ -498,6 +498,9 @@ class PipelineConfig:
     eval_max_new_tokens: int = 64
     export_hf: bool = True  # write each model stage's final weights as a Hugging Face directory
     seed: int = 0
+    # Every N steps of each GRPO stage, held-out pass@1 on `eval_prompts` (GRPO's eval_every: greedy
+    # unless the stage sets eval_samples), drawn with the reward in rl_curves.png; 0: reward curve only.
+    curve_every: int = 0
 
     def __post_init__(self):
         need(self.stages, "stages", "at least one stage")
@@ -505,6 +508,10 @@ class PipelineConfig:
         for i, n in enumerate(names):
             need(n not in names[:i], f"stages[{i}].name", f"{n!r} is used twice")
         need(self.eval_samples >= 1, "eval_samples", f"must be >= 1, got {self.eval_samples}")
+        need(self.curve_every >= 0, "curve_every", f"must be >= 0, got {self.curve_every}")
+        need(self.curve_every == 0 or self.eval_prompts is not None or all(
+            st.kind != "grpo" or "eval_prompts" in st.config for st in self.stages), "curve_every",
+             "held-out points need eval_prompts (the pipeline's or each GRPO stage's)")
         if self.eval_prompts is not None:
             need(self.eval_prompts.kind == "prompts", "eval_prompts.kind",
                  f"must be 'prompts', got {self.eval_prompts.kind!r}")
