@@ -201,9 +201,9 @@ def evaluate_expression(text: str) -> tuple[Fraction, list[int]] | None:
     """(exact value, the numbers it uses) of an arithmetic expression, or None when malformed."""
     if len(text) > _MAX_EXPRESSION:
         return None
-    parser = _Parser(text) if _TOKEN.match(text or "") else None
     try:
-        return (parser.parse(), parser.numbers) if parser is not None else None
+        parser = _Parser(text)
+        return parser.parse(), parser.numbers
     except ValueError:
         return None
 
