@@ -11,7 +11,7 @@ from r1jax import plugins
 from r1jax.config.loader import FrozenDict, apply_overrides, load, need, read_yaml
 from r1jax.config.mesh import MeshConfig
 from r1jax.config.model import DenseConfig, ModelConfig
-from r1jax.config.tasks import TASK_NAMES, TaskConfig, TaskName  # noqa: F401 (re-exported)
+from r1jax.config.tasks import TaskConfig
 from r1jax.errors import ConfigError
 
 # ---- strategy names: the table of functions each chooses from is checked against its Literal at import
@@ -443,8 +443,9 @@ class EvalConfig:
     maj_ks: tuple[int, ...] = ()
     max_prompts: Optional[int] = None
     seed: int = 0
-    # What judges a completion: a built-in name (answer_match: the final answer equals the gold one)
-    # or `package.module:function`, called as function(gold_answer: str, completion: str) -> bool.
+    # What judges a completion: a built-in name (answer_match: a built-in task's row by its task's
+    # verifier, any other by its final answer equal to the gold one; docs/tasks.md) or
+    # `package.module:function`, called as function(gold_answer: str, completion: str) -> bool.
     verifier: str = "answer_match"
     out_dir: str = "runs/eval"
     # Device mesh for sampling (weights loaded straight into their shards; rows split over data×fsdp×

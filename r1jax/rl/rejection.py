@@ -105,7 +105,8 @@ def _rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path: Pa
                     i = p * cfg.num_samples + s
                     n, text = int(out.lengths[i]), texts[i]
                     stats["samples"] += 1
-                    reason = _keep(prompt_text, text, answer, n, bool(out.finished[i]), cfg, batch["columns"][p].get("task"))
+                    reason = _keep(prompt_text, text, answer, n, bool(out.finished[i]), cfg,
+                                   batch["columns"][p].get("task"))
                     key = " ".join(text.split())
                     if reason is None and key in seen:
                         reason = "duplicate"
