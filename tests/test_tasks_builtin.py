@@ -141,3 +141,25 @@ def test_curve_every_needs_heldout_prompts():
     stage = {"name": "rl", "kind": "grpo", "config": {"init_from": "x"}}
     with pytest.raises(ConfigError, match=r"^curve_every:"):
         from_dict(PipelineConfig, {"curve_every": 5, "stages": [stage]})
+
+
+def test_rejection_sampling_keeps_by_the_task_verifier():
+    from r1jax.config import RejectionConfig
+    from r1jax.rl.rejection import _keep
+
+    cfg = RejectionConfig(init_from="x", min_tokens=1)
+    text = "a search\n</think>\n\n<answer>(5+7)*2</answer>"
+    prompt = "<｜User｜>reach 24 with 3 5 7 2<｜Assistant｜><think>\n"  # R1's generation prompt
+    assert _keep(prompt, text, "3 5 7 2 -> 24", 20, True, cfg, "countdown") is None
+    assert _keep(prompt, text.replace("(5+7)*2", "5*5"), "3 5 7 2 -> 24", 20, True, cfg, "countdown") == "incorrect"
+
+
+def test_arithmetic_rows_are_unchanged():
+    """The default task's first rows, as main produced them before the other tasks existed (the demo
+    and its recorded numbers depend on them)."""
+    src = open_source("task:eval", task=TaskConfig(ops="+-", min_operands=3, max_operands=3, num_eval=200))[0]
+    got = [(src[i].record["prompt"], src[i].record["answer"]) for i in range(3)]
+    assert got == WANT_ARITHMETIC
+
+
+WANT_ARITHMETIC = [("6+4+6=?", "16"), ("6+8-8=?", "6"), ("1+3+8=?", "12")]
