@@ -163,3 +163,41 @@ def test_arithmetic_rows_are_unchanged():
 
 
 WANT_ARITHMETIC = [("6+4+6=?", "16"), ("6+8-8=?", "6"), ("1+3+8=?", "12")]
+
+
+@pytest.mark.parametrize("name", ["countdown", "sort_words"])
+def test_evaluate_model_judges_rows_by_their_task(monkeypatch, name):
+    """evaluate_model with a stand-in sampler that answers each prompt with its gold completion (or a
+    wrong one): the built-in verifier reads each row's task; a plain answer check would not pass them."""
+    import types
+
+    import r1jax.eval.run as ev
+    from r1jax.data.tokenizer import builtin_tokenizer
+
+    tok = builtin_tokenizer()
+    data = from_dict(DataConfig, {"kind": "prompts", "sources": ["task:eval"], "seq_len": 48, "batch_size": 10,
+                                  "shuffle": False, "drop_remainder": False, "task": {"name": name, "num_eval": 10}})
+    src = open_source("task:eval", task=data.task)[0]
+    gold = {src[i].record["prompt"]: src[i].record["completion"] for i in range(len(src))}
+    wrong = {"countdown": "1+1", "sort_words": "a b"}[name]
+
+    def answers(correct):
+        """The stand-in sampler hands back the prompts; the stand-in decoder answers each."""
+        def texts(tok_, prompts, lengths, finished):
+            questions = [next(q for q in gold if q in tok.decode(list(p))) for p in prompts]
+            return [gold[q].removeprefix("<think>\n") if correct else _tagged(wrong) for q in questions]
+
+        monkeypatch.setattr(ev.sampler, "sample", lambda params, cfg, rows, **_: types.SimpleNamespace(
+            tokens=rows, lengths=[1] * len(rows), finished=[True] * len(rows)))
+        monkeypatch.setattr(ev, "completion_texts", texts)
+
+    answers(True)
+    summary, _ = ev.evaluate_model(None, None, data, tok)
+    assert summary["num_problems"] == 10 and summary["pass@1"] == 1.0
+    # A verifier given explicitly is used for every row: the plain answer check fails Countdown
+    # expressions (the gold column is no expression) and passes sorted words only when they match.
+    summary, _ = ev.evaluate_model(None, None, data, tok, verify=tasks.verify)
+    assert summary["pass@1"] == (0.0 if name == "countdown" else 1.0)
+    answers(False)
+    summary, _ = ev.evaluate_model(None, None, data, tok)
+    assert summary["pass@1"] == 0.0
