@@ -47,8 +47,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, progress: bool = False) -> dict:
-    """Write kept samples to `out_path` (jsonl of {"messages": [...], "id", "answer"}) and
-    `out_path` + `.stats.json`; return the statistics. Progress is recorded after every batch, so a
+    """Write kept samples to `out_path` (jsonl of {"messages": [...], "id", "answer"}, and "task" for a
+    built-in task's rows) and `out_path` + `.stats.json`; return the statistics. Progress is recorded after every batch, so a
     killed run, started again, continues where it stopped (same seeds, same output). On gs:// the
     files are written locally and copied up (every 30 s and at the end; paths.LocalMirror)."""
     if not paths.is_remote(out_path):
@@ -100,13 +100,13 @@ def _rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path: Pa
                     break
                 prompt_text = tok.decode(row)
                 answer = str(batch["answer"][p]) or None
+                task = batch["columns"][p].get("task")  # a built-in task's rows keep it: they verify as its rows
                 seen, kept = set(), 0
                 for s in range(cfg.num_samples):
                     i = p * cfg.num_samples + s
                     n, text = int(out.lengths[i]), texts[i]
                     stats["samples"] += 1
-                    reason = _keep(prompt_text, text, answer, n, bool(out.finished[i]), cfg,
-                                   batch["columns"][p].get("task"))
+                    reason = _keep(prompt_text, text, answer, n, bool(out.finished[i]), cfg, task)
                     key = " ".join(text.split())
                     if reason is None and key in seen:
                         reason = "duplicate"
@@ -118,7 +118,7 @@ def _rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path: Pa
                     seen.add(key)
                     kept += 1
                     f.write(json.dumps({
-                        "id": str(batch["id"][p]), "answer": answer,
+                        "id": str(batch["id"][p]), "answer": answer, **({"task": task} if task else {}),
                         "messages": json.loads(str(batch["messages"][p]))
                         + [{"role": "assistant", "content": THINK_PREFIX + text}],
                     }) + "\n")
