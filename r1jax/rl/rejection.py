@@ -49,8 +49,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, progress: bool = False) -> dict:
     """Write kept samples to `out_path` (jsonl of {"messages": [...], "id", "answer"}, and "task" for a
     built-in task's rows) and `out_path` + `.stats.json`; return the statistics. Progress is recorded
-    after every batch, so a killed run, started again, continues where it stopped (same seeds, same output). On gs:// the
-    files are written locally and copied up (every 30 s and at the end; paths.LocalMirror)."""
+    after every batch, so a killed run, started again, continues where it stopped (same seeds, same
+    output). On gs:// the files are written locally and copied up (every 30 s and at the end; paths.LocalMirror)."""
     if not paths.is_remote(out_path):
         return _rejection_sample(params, model_cfg, cfg, tok, Path(out_path), progress)
     remote = paths.as_path(out_path)
