@@ -1,6 +1,7 @@
 """`r1jax pipeline CONFIG`: stages in order (the R1 recipe), each feeding the next, every model
 stage evaluated on held-out prompts and exported; a finished stage is skipped on a rerun and an
-interrupted one resumes from its own checkpoints."""
+interrupted one resumes from its own checkpoints. Each RL stage's learning curve (reward and held-out
+pass@1 every `curve_every` steps) is written beside it and plotted in rl_curves.png (curves.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from r1jax import api, paths
+from r1jax import api, curves, paths
 from r1jax import config as config_lib
 from r1jax.config import GRPOConfig, PipelineConfig, RejectionConfig, StageKind, StageSpec, TrainConfig, check_names
 from r1jax.errors import ConfigError
@@ -61,6 +62,12 @@ def resolve_stage(cfg: PipelineConfig, i: int):
         if sources:
             d[section]["sources"] = [_ref(cfg, i, s, ("rejection",), f"{section}.sources") if s.startswith("@") else s
                                      for s in sources]
+    if spec.kind == "grpo" and cfg.curve_every:
+        # The learning curve's held-out points: GRPO's own evaluation every curve_every steps, on the
+        # pipeline's held-out prompts unless the stage names its own (a stage's eval_every wins).
+        d.setdefault("eval_every", cfg.curve_every)
+        if d.get("eval_prompts") is None and cfg.eval_prompts is not None:
+            d["eval_prompts"] = config_lib.to_dict(cfg.eval_prompts)
     if spec.kind == "rejection" and not d.get("init_from"):
         raise ConfigError(f"stages[{i}].config.init_from: a rejection stage needs a model (e.g. '@rl')")
     # YAML includes left as paths (a config built in Python) resolve from the working directory.
@@ -102,6 +109,7 @@ def run_stage(cfg: PipelineConfig, i: int, stage_cfg, tok) -> dict:
 
         result = train_grpo(stage_cfg)
         record.update(status=result.status, steps=result.step)
+        record["curve"], _ = curves.write_curve(stage_dir(cfg, spec.name))
     elif spec.kind == "rejection":
         from r1jax.rl.rejection import rejection_sample
 
@@ -149,6 +157,9 @@ def run_pipeline(cfg: PipelineConfig) -> list[dict]:
             break
         done.write_text(json.dumps(record, indent=1))
     (paths.as_path(cfg.out_dir) / "results.json").write_text(json.dumps(records, indent=1))
+    rl = {r["name"]: json.loads(paths.as_path(r["curve"]).read_text()) for r in records if r.get("curve")}
+    if (plot := curves.plot_curves(cfg.out_dir, rl)) is not None:
+        print(f"RL curves: {plot}", flush=True)
     return records
 
 

@@ -5,6 +5,7 @@ A leaf of r1jax: it imports only r1jax.errors and r1jax.plugins, never the code 
     loader.py  FrozenDict, need, type checks, from_dict/to_dict, YAML with includes, overrides, load
     model.py   ModelConfig (DeepSeek-V2/V3) and DenseConfig (students), their HF config.json round trip
     mesh.py    MeshConfig, the mesh axes and the logical-axis rules
+    tasks.py   TaskConfig: the built-in verifiable tasks (arithmetic, countdown, running_sum, sort_words)
     stages.py  data, training, GRPO, rejection, eval and pipeline configs; load_stage
 
 Strategy names (moe_dispatch, remat_policy, packing, ...) are Literals here; the tables of functions
@@ -21,6 +22,7 @@ from r1jax.config.model import (DEEPSEEK_ARCHITECTURES, DENSE_ARCHITECTURES, DEN
 from r1jax.config.stages import (STAGES, VERIFIER_NAMES, CheckpointConfig, DataConfig, DataKind, DistillConfig,
                                  EvalConfig, GRPOConfig, OptimizerConfig, Packing, PipelineConfig, RejectionConfig,
                                  RewardSpec, StageKind, StageSpec, TaskConfig, TrainConfig, VerifierName, load_stage)
+from r1jax.config.tasks import TASK_NAMES, CountdownConfig, RunningSumConfig, SortWordsConfig, TaskName
 from r1jax.errors import ConfigError
 
 __all__ = [
@@ -36,7 +38,7 @@ __all__ = [
     # mesh
     "MESH_AXES", "DCN_AXES", "DEFAULT_RULES", "MeshConfig",
     # stages
-    "TaskConfig", "DataConfig", "OptimizerConfig", "CheckpointConfig", "DistillConfig", "TrainConfig",
+    "TaskConfig", "TaskName", "TASK_NAMES", "CountdownConfig", "RunningSumConfig", "SortWordsConfig", "DataConfig", "OptimizerConfig", "CheckpointConfig", "DistillConfig", "TrainConfig",
     "RewardSpec", "GRPOConfig", "RejectionConfig", "EvalConfig", "StageSpec", "PipelineConfig", "STAGES",
     "load_stage",
 ]

@@ -11,6 +11,7 @@ from r1jax import plugins
 from r1jax.config.loader import FrozenDict, apply_overrides, load, need, read_yaml
 from r1jax.config.mesh import MeshConfig
 from r1jax.config.model import DenseConfig, ModelConfig
+from r1jax.config.tasks import TaskConfig
 from r1jax.errors import ConfigError
 
 # ---- strategy names: the table of functions each chooses from is checked against its Literal at import
@@ -31,41 +32,8 @@ MomentDtype = Literal["float32", "bfloat16"]
 # ---- data
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskConfig:
-    """The built-in verifiable task (r1jax/data/tasks.py): integer arithmetic like `3+4*5-2=?`."""
-
-    min_operands: int = 2
-    max_operands: int = 3
-    max_operand: int = 9  # operands are drawn from 0..max_operand
-    ops: str = "+-*"
-    # Share of all expressions that belong to the held-out split (chosen by a hash of the expression,
-    # so the two splits are disjoint whatever the seed).
-    heldout_fraction: float = 0.1
-    seed: int = 0
-    num_train: int = 20000  # rows of the `task:train` source
-    num_eval: int = 200  # rows of the `task:eval` source (distinct problems)
-    # Share of train problems whose gold completion tags a wrong answer (the worked result off by 1..3),
-    # like hastily written cold-start data: SFT imitates the slips, and RL, rewarded only for correct
-    # answers, has to learn to report what the reasoning derived. Held-out problems are never noisy.
-    answer_noise: float = 0.0
-
-    def __post_init__(self):
-        need(self.min_operands >= 2, "min_operands", f"must be >= 2, got {self.min_operands}")
-        need(self.max_operands >= self.min_operands, "max_operands",
-             f"must be >= min_operands={self.min_operands}, got {self.max_operands}")
-        need(self.max_operand >= 1, "max_operand", f"must be >= 1, got {self.max_operand}")
-        need(bool(self.ops) and set(self.ops) <= set("+-*"), "ops",
-             f"must be a non-empty string of '+', '-', '*', got {self.ops!r}")
-        need(0.0 < self.heldout_fraction < 1.0, "heldout_fraction",
-             f"must be in (0, 1), got {self.heldout_fraction}")
-        need(self.seed >= 0, "seed", f"must be >= 0, got {self.seed}")
-        need(self.num_train >= 1, "num_train", f"must be >= 1, got {self.num_train}")
-        need(self.num_eval >= 1, "num_eval", f"must be >= 1, got {self.num_eval}")
-        need(0.0 <= self.answer_noise < 1.0, "answer_noise", f"must be in [0, 1), got {self.answer_noise}")
-
-
-# The built-in sources (r1jax/data/sources.py): the arithmetic task and the code task (code_task.py).
+# The built-in sources (r1jax/data/sources.py): the task `task.name` picks (TaskConfig; arithmetic by
+# default) and the code task (code_task.py).
 TASK_SOURCES = ("task:train", "task:eval", "task:code:train", "task:code:eval")
 
 
@@ -475,8 +443,9 @@ class EvalConfig:
     maj_ks: tuple[int, ...] = ()
     max_prompts: Optional[int] = None
     seed: int = 0
-    # What judges a completion: a built-in name (answer_match: the final answer equals the gold one)
-    # or `package.module:function`, called as function(gold_answer: str, completion: str) -> bool.
+    # What judges a completion: a built-in name (answer_match: a built-in task's row by its task's
+    # verifier, any other by its final answer equal to the gold one; docs/tasks.md) or
+    # `package.module:function`, called as function(gold_answer: str, completion: str) -> bool.
     verifier: str = "answer_match"
     out_dir: str = "runs/eval"
     # Device mesh for sampling (weights loaded straight into their shards; rows split over data×fsdp×
@@ -530,6 +499,9 @@ class PipelineConfig:
     eval_max_new_tokens: int = 64
     export_hf: bool = True  # write each model stage's final weights as a Hugging Face directory
     seed: int = 0
+    # Every N steps of each GRPO stage, held-out pass@1 on `eval_prompts` (GRPO's eval_every: greedy
+    # unless the stage sets eval_samples), drawn with the reward in rl_curves.png; 0: reward curve only.
+    curve_every: int = 0
 
     def __post_init__(self):
         need(self.stages, "stages", "at least one stage")
@@ -537,6 +509,10 @@ class PipelineConfig:
         for i, n in enumerate(names):
             need(n not in names[:i], f"stages[{i}].name", f"{n!r} is used twice")
         need(self.eval_samples >= 1, "eval_samples", f"must be >= 1, got {self.eval_samples}")
+        need(self.curve_every >= 0, "curve_every", f"must be >= 0, got {self.curve_every}")
+        need(self.curve_every == 0 or self.eval_prompts is not None or all(
+            st.kind != "grpo" or "eval_prompts" in st.config for st in self.stages), "curve_every",
+             "held-out points need eval_prompts (the pipeline's or each GRPO stage's)")
         if self.eval_prompts is not None:
             need(self.eval_prompts.kind == "prompts", "eval_prompts.kind",
                  f"must be 'prompts', got {self.eval_prompts.kind!r}")

@@ -31,7 +31,7 @@ import numpy as np
 from r1jax import paths
 from r1jax.config import TaskConfig
 from r1jax.config.stages import TASK_SOURCES
-from r1jax.data import code_task, tasks
+from r1jax.data import code_task, task_registry
 from r1jax.data.tokenizer import BOS, render_chat
 from r1jax.errors import DataError
 
@@ -281,25 +281,28 @@ class CodeTaskSource:
 
 
 class TaskSource:
-    """Rows of the built-in arithmetic task, carrying every field a pipeline kind reads:
-    `text` (pretrain), `messages` / `prompt` + `completion` (SFT), `prompt` + `answer` (RL)."""
+    """Rows of the built-in task `cfg.name` (task_registry.py; arithmetic by default), carrying every
+    field a pipeline kind reads: `text` (pretrain), `messages` / `prompt` + `completion` (SFT),
+    `prompt` + `answer` (RL; what the task's verifier reads) and `task`, its name, which picks the
+    verifier of the `accuracy` reward and of eval."""
 
     def __init__(self, cfg: TaskConfig, split: str):
         self.cfg, self.split = cfg, split
+        self._task = task_registry.get(cfg.name)
         # The held-out set is a fixed list of distinct problems; train rows are drawn on demand.
-        self._fixed = tasks.problems(cfg, split, cfg.num_eval) if split == "eval" else None
+        self._fixed = self._task.problems(cfg, split, cfg.num_eval) if split == "eval" else None
 
     def __len__(self) -> int:
         return self.cfg.num_eval if self.split == "eval" else self.cfg.num_train
 
-    def problem(self, i: int) -> tasks.Problem:
-        return self._fixed[i] if self._fixed is not None else tasks.generate(self.cfg, self.split, i)
+    def problem(self, i: int):
+        return self._fixed[i] if self._fixed is not None else self._task.generate(self.cfg, self.split, i)
 
     def __getitem__(self, i: int) -> Row:
         p = self.problem(i)
         record = {
-            "id": p.id, "prompt": p.question, "completion": p.gold_completion(), "answer": p.answer,
-            "messages": p.sft_messages(),
+            "id": p.id, "prompt": p.question, "completion": p.gold_completion(), "answer": p.gold,
+            "messages": p.sft_messages(), "task": self.cfg.name,
             # As a plain document: the chat string without bos (pretraining adds bos and eos).
             "text": render_chat(p.sft_messages()).removeprefix(BOS),
         }

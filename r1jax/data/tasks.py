@@ -17,6 +17,10 @@ operation at a time, multiplications first, in the R1 format:
 
 Each line is the previous one with a single operation on small numbers done, which a tiny model can
 partly learn in minutes; the long tail (carries, negative results) leaves room for RL.
+
+The split, noise and distinct-problem machinery here is shared by the other built-in tasks
+(task_countdown.py, task_running_sum.py, task_sort_words.py; chosen by name in task_registry.py),
+whose problems are `Worked` instances.
 """
 
 from __future__ import annotations
@@ -56,15 +60,52 @@ class Problem:
     def question(self) -> str:
         return f"{self.expression}=?"
 
+    @property
+    def key(self) -> str:
+        """The text that decides the split and makes two problems the same."""
+        return self.expression
+
+    @property
+    def gold(self) -> str:
+        """What the `answer` column holds: what the task's verifier compares with."""
+        return self.answer
+
     def messages(self) -> list[dict]:
         """The prompt as chat messages (one user turn)."""
         return [{"role": "user", "content": self.question}]
 
     def gold_completion(self) -> str:
         """The assistant turn in R1 format: reasoning inside <think>, then the tagged answer."""
-        chain = "\n=".join(self.steps)
         tagged = self.answer if self.noisy_answer is None else self.noisy_answer
-        return f"{THINK_OPEN}\n{chain}\n{THINK_CLOSE}\n\n{ANSWER_OPEN}{tagged}{ANSWER_CLOSE}"
+        return r1_completion("\n=".join(self.steps), tagged)
+
+    def sft_messages(self) -> list[dict]:
+        return self.messages() + [{"role": "assistant", "content": self.gold_completion()}]
+
+
+def r1_completion(chain: str, answer: str) -> str:
+    """R1's completion format: the reasoning inside <think>, then the tagged answer."""
+    return f"{THINK_OPEN}\n{chain}\n{THINK_CLOSE}\n\n{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Worked:
+    """A problem of one of the other built-in tasks: the prompt, the worked chain (lines inside
+    <think>), the answer the completion tags, and `gold`, what the `answer` column holds for the
+    task's verifier (the answer itself, or for Countdown the numbers and the target)."""
+
+    id: str
+    key: str  # decides the split; equal keys are the same problem
+    question: str
+    chain: tuple[str, ...]
+    answer: str
+    gold: str
+
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.question}]
+
+    def gold_completion(self) -> str:
+        return r1_completion("\n".join(self.chain), self.answer)
 
     def sft_messages(self) -> list[dict]:
         return self.messages() + [{"role": "assistant", "content": self.gold_completion()}]
@@ -107,7 +148,7 @@ def reduce_steps(tokens: list) -> tuple[str, ...]:
     return tuple(steps)
 
 
-def _noisy_answer(cfg: TaskConfig, index: int, answer: str) -> str | None:
+def noisy_answer(cfg: TaskConfig, index: int, answer: str) -> str | None:
     """A wrong answer (off by 1..3) for a share `answer_noise` of train problems, else None. Drawn
     from its own stream, so the problems themselves do not depend on the noise level."""
     rng = np.random.default_rng([cfg.seed, 2, index])
@@ -116,39 +157,50 @@ def _noisy_answer(cfg: TaskConfig, index: int, answer: str) -> str | None:
     return str(int(answer) + int(rng.choice([-3, -2, -1, 1, 2, 3])))
 
 
-def generate(cfg: TaskConfig, split: str, index: int) -> Problem:
-    """Problem `index` of `split` (train: drawn with replacement; see `problems` for distinct ones)."""
+def draw_in_split(cfg: TaskConfig, split: str, index: int, draw, key):
+    """The first `draw(rng)` whose `key` falls in `split`, from the stream of (seed, split, index)."""
     if split not in SPLITS:
         raise ConfigError(f"split: expected one of {list(SPLITS)}, got {split!r}")
     rng = np.random.default_rng([cfg.seed, SPLITS[split], index])
-    # A split holding a share p of the expressions needs 1/p draws on average; after 50/p draws
+    # A split holding a share p of the problems needs 1/p draws on average; after 50/p draws
     # (failure odds e^-50 when the split is not empty) it is taken to be empty.
     attempts = int(50 / min(cfg.heldout_fraction, 1 - cfg.heldout_fraction))
     for _ in range(attempts):
-        tokens = _draw(cfg, rng)
-        if split_of(_text(tokens), cfg.heldout_fraction) == split:
-            steps = reduce_steps(tokens)
-            return Problem(id=f"arith/{split}/{index}", steps=steps,
-                           noisy_answer=_noisy_answer(cfg, index, steps[-1]) if split == "train" else None)
-    raise ConfigError(f"task: no {split} expression found in {attempts} draws; "
-                      "raise max_operand/max_operands or heldout_fraction")
+        item = draw(rng)
+        if split_of(key(item), cfg.heldout_fraction) == split:
+            return item
+    raise ConfigError(f"task: no {split} problem of task {cfg.name!r} found in {attempts} draws; "
+                      "make the task larger or change heldout_fraction")
 
 
-def problems(cfg: TaskConfig, split: str, n: int) -> list[Problem]:
+def generate(cfg: TaskConfig, split: str, index: int) -> Problem:
+    """Problem `index` of `split` (train: drawn with replacement; see `problems` for distinct ones)."""
+    tokens = draw_in_split(cfg, split, index, lambda rng: _draw(cfg, rng), _text)
+    steps = reduce_steps(tokens)
+    return Problem(id=f"arith/{split}/{index}", steps=steps,
+                   noisy_answer=noisy_answer(cfg, index, steps[-1]) if split == "train" else None)
+
+
+def distinct_problems(cfg: TaskConfig, split: str, n: int, generate, prefix: str) -> list:
     """The first `n` problems of a split; the held-out split has no repeats (a fixed eval set)."""
     if split == "train":
         return [generate(cfg, split, i) for i in range(n)]
     out, seen, index = [], set(), 0
     while len(out) < n:
         if index >= n * 50:
-            raise ConfigError(f"task.num_eval: only {len(out)} distinct held-out problems found "
-                              f"for {n} requested; make the task larger or ask for fewer")
+            raise ConfigError(f"task.num_eval: only {len(out)} distinct held-out problems of task {cfg.name!r} "
+                              f"found for {n} requested; make the task larger or ask for fewer")
         p = generate(cfg, split, index)
         index += 1
-        if p.expression not in seen:
-            seen.add(p.expression)
-            out.append(dataclasses.replace(p, id=f"arith/{split}/{len(out)}"))
+        if p.key not in seen:
+            seen.add(p.key)
+            out.append(dataclasses.replace(p, id=f"{prefix}/{split}/{len(out)}"))
     return out
+
+
+def problems(cfg: TaskConfig, split: str, n: int) -> list[Problem]:
+    """The first `n` arithmetic problems of a split (distinct on the held-out split)."""
+    return distinct_problems(cfg, split, n, generate, "arith")
 
 
 # --------------------------------------------------------------------------- verification

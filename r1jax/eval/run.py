@@ -10,7 +10,7 @@ import numpy as np
 
 from r1jax import api, paths, plugins
 from r1jax.config import DataConfig, ModelConfig, VerifierName, check_names
-from r1jax.data import tasks
+from r1jax.data import task_registry, tasks
 from r1jax.data.pipeline import make_prompt_iterator
 from r1jax.data.tokenizer import completion_texts, load_tokenizer
 from r1jax.eval.metrics import evaluate, format_table, results_table, write_jsonl
@@ -18,9 +18,10 @@ from r1jax.infer import sampler
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.train.run import check_vocab
 
-# verify(gold answer: str, completion: str) -> bool. The built-in: the completion's final answer
-# (<answer>, \boxed{} or after </think>) equals the gold one, integers compared as integers.
-VERIFIERS: dict[str, Callable] = {"answer_match": tasks.verify}
+# verify(gold answer: str, completion: str) -> bool. The built-in: a row of a built-in task by its
+# task's verifier (the row's `task` column, docs/tasks.md), any other row by its final answer
+# (<answer>, \boxed{} or after </think>) equal to the gold one, integers compared as integers.
+VERIFIERS: dict[str, Callable] = {"answer_match": task_registry.verify_answer}
 check_names(VERIFIERS, VerifierName, "verifier")
 
 
@@ -37,10 +38,12 @@ def prompt_rows(batch: dict) -> list[list[int]]:
 
 def evaluate_model(params, model_cfg: ModelConfig, prompts: DataConfig, tok, *, num_samples: int = 1,
                    temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 64, seed: int = 0,
-                   max_prompts: int | None = None, ks=(1,), maj_ks=(), mesh=None, verify: Callable = tasks.verify):
+                   max_prompts: int | None = None, ks=(1,), maj_ks=(), mesh=None,
+                   verify: Callable = task_registry.verify_answer):
     """-> (summary {pass@k..., maj@k..., mean_length}, records with completions). Greedy when
     temperature is 0 (then every sample is the same; use num_samples 1). verify(gold answer,
-    completion) -> bool judges each sample; maj@k votes on tasks.extract_answer's answers."""
+    completion) -> bool judges each sample (the built-in one also reads the row's `task` column);
+    maj@k votes on tasks.extract_answer's answers."""
     it = make_prompt_iterator(prompts, tok)
     problems, completions, ids, lengths = [], [], [], []
     for batch in it:
@@ -55,12 +58,16 @@ def evaluate_model(params, model_cfg: ModelConfig, prompts: DataConfig, tok, *, 
         texts = completion_texts(tok, out.tokens, out.lengths, out.finished)
         lengths.extend(int(n) for n in out.lengths)
         for j, i in enumerate(keep):
-            problems.append(str(batch["answer"][i]))
+            problems.append((str(batch["answer"][i]), batch["columns"][i].get("task")))
             completions.append(texts[j * num_samples:(j + 1) * num_samples])
             ids.append(str(batch["id"][i]))
         if max_prompts is not None and len(problems) >= max_prompts:
             break
-    summary, records = evaluate(problems, completions, verify, tasks.extract_answer, ks=ks, maj_ks=maj_ks,
+    if verify is task_registry.verify_answer:
+        judge = lambda problem, c: verify(problem[0], c, problem[1])  # noqa: E731
+    else:
+        judge = lambda problem, c: verify(problem[0], c)  # noqa: E731
+    summary, records = evaluate(problems, completions, judge, tasks.extract_answer, ks=ks, maj_ks=maj_ks,
                                 ids=ids)
     summary["mean_length"] = float(np.mean(lengths)) if lengths else 0.0
     for rec, comps in zip(records, completions):

@@ -310,7 +310,7 @@ def train_grpo(cfg: GRPOConfig, *, devices=None) -> RunResult:
                                             temperature=0.0 if cfg.eval_samples == 1 else cfg.temperature,
                                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, mesh=s.mesh)
                 metrics.update({f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-            if run.log_due(step):
+            if run.log_due(step) or "eval/pass@1" in metrics:  # an evaluation is always logged
                 run.log(step, metrics)
             last = metrics
             run.advance(reward=f"{metrics['reward/mean']:.3f}")

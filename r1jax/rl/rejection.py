@@ -20,13 +20,14 @@ from r1jax.rl import rewards
 THINK_PREFIX = "<think>\n"  # the R1 generation prompt ends inside the reasoning block
 
 
-def _keep(prompt: str, completion: str, answer, n_tokens: int, finished: bool, cfg: RejectionConfig) -> str | None:
+def _keep(prompt: str, completion: str, answer, n_tokens: int, finished: bool, cfg: RejectionConfig,
+          task: str | None = None) -> str | None:
     """None if kept, else the reason it was rejected."""
     if not finished:
         return "truncated"
     if n_tokens < cfg.min_tokens:
         return "too_short"
-    if answer is None or rewards.accuracy([prompt], [completion], answer=[answer])[0] != 1.0:
+    if answer is None or rewards.accuracy([prompt], [completion], answer=[answer], task=[task])[0] != 1.0:
         return "incorrect"
     if cfg.require_format and rewards.format_reward([prompt], [completion], prompt_texts=[prompt])[0] != 1.0:
         return "format"
@@ -46,10 +47,10 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path, *, progress: bool = False) -> dict:
-    """Write kept samples to `out_path` (jsonl of {"messages": [...], "id", "answer"}) and
-    `out_path` + `.stats.json`; return the statistics. Progress is recorded after every batch, so a
-    killed run, started again, continues where it stopped (same seeds, same output). On gs:// the
-    files are written locally and copied up (every 30 s and at the end; paths.LocalMirror)."""
+    """Write kept samples to `out_path` (jsonl of {"messages": [...], "id", "answer"}, and "task" for a
+    built-in task's rows) and `out_path` + `.stats.json`; return the statistics. Progress is recorded
+    after every batch, so a killed run, started again, continues where it stopped (same seeds, same
+    output). On gs:// the files are written locally and copied up (every 30 s and at the end; paths.LocalMirror)."""
     if not paths.is_remote(out_path):
         return _rejection_sample(params, model_cfg, cfg, tok, Path(out_path), progress)
     remote = paths.as_path(out_path)
@@ -99,12 +100,13 @@ def _rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path: Pa
                     break
                 prompt_text = tok.decode(row)
                 answer = str(batch["answer"][p]) or None
+                task = batch["columns"][p].get("task")  # a built-in task's rows keep it: they verify as its rows
                 seen, kept = set(), 0
                 for s in range(cfg.num_samples):
                     i = p * cfg.num_samples + s
                     n, text = int(out.lengths[i]), texts[i]
                     stats["samples"] += 1
-                    reason = _keep(prompt_text, text, answer, n, bool(out.finished[i]), cfg)
+                    reason = _keep(prompt_text, text, answer, n, bool(out.finished[i]), cfg, task)
                     key = " ".join(text.split())
                     if reason is None and key in seen:
                         reason = "duplicate"
@@ -116,7 +118,7 @@ def _rejection_sample(params, model_cfg, cfg: RejectionConfig, tok, out_path: Pa
                     seen.add(key)
                     kept += 1
                     f.write(json.dumps({
-                        "id": str(batch["id"][p]), "answer": answer,
+                        "id": str(batch["id"][p]), "answer": answer, **({"task": task} if task else {}),
                         "messages": json.loads(str(batch["messages"][p]))
                         + [{"role": "assistant", "content": THINK_PREFIX + text}],
                     }) + "\n")

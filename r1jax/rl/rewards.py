@@ -26,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from r1jax import plugins
+from r1jax.data import task_registry
 from r1jax.data.examples import RESERVED_COLUMNS, is_conversational
 from r1jax.data.tasks import answers_match, extract_answer, is_integer
 from r1jax.errors import ConfigError, R1JaxError
@@ -70,13 +71,19 @@ def _math_verify(gold: str, answer: str) -> bool | None:
     return bool(a) and verify(g, a, timeout_seconds=timeout)
 
 
-def accuracy(prompts, completions, *, answer, **_) -> list[float | None]:
+def accuracy(prompts, completions, *, answer, task=None, **_) -> list[float | None]:
     """1 if the final answer (<answer>, \\boxed{} or the text after </think>) equals the gold `answer`
-    by math-verify, 0 otherwise; None when there is no gold answer or it cannot be parsed."""
+    by math-verify, 0 otherwise; None when there is no gold answer or it cannot be parsed. Rows of a
+    built-in task other than arithmetic (their `task` column; docs/tasks.md) are judged by that
+    task's verifier instead (a Countdown expression is evaluated, sorted words matched exactly)."""
     out = []
-    for completion, gold in zip(map(content, completions), answer):
+    task = task if task is not None else [None] * len(answer)
+    for completion, gold, name in zip(map(content, completions), answer, task):
         if gold is None or not str(gold).strip():
             out.append(None)
+            continue
+        if task_registry.judged_by_task(name):
+            out.append(float(task_registry.verify_answer(str(gold), completion, name)))
             continue
         answer = extract_answer(completion)
         if answer is None:

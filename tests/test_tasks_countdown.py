@@ -1,0 +1,155 @@
+"""The built-in Countdown task: deterministic problems with disjoint splits, every problem solvable
+(checked by an exhaustive search written here over exact fractions), gold chains verify, and the
+verifier rejects wrong, malformed and number-breaking answers; its parser agrees with Python's."""
+
+import dataclasses
+import itertools
+import random
+import re
+from fractions import Fraction
+
+import pytest
+
+from r1jax.config import TaskConfig, from_dict
+from r1jax.data import task_countdown as cd
+from r1jax.errors import ConfigError
+
+CFG = TaskConfig(name="countdown")
+
+
+def reachable(numbers) -> set:
+    """Every value an expression over a sub-multiset of `numbers` (each at most once) can take, with
+    + - * / over exact fractions (any intermediate sign): the reference the task is checked against."""
+    values = set()
+
+    def combine(items):
+        for x in items:
+            values.add(x)
+        for i, j in itertools.combinations(range(len(items)), 2):
+            a, b = items[i], items[j]
+            rest = [x for k, x in enumerate(items) if k not in (i, j)]
+            results = {a + b, a - b, b - a, a * b}
+            results |= {a / b} if b else set()
+            results |= {b / a} if a else set()
+            for r in results:
+                combine(rest + [r])
+
+    combine([Fraction(n) for n in numbers])
+    return values
+
+
+def test_problems_are_deterministic_and_random_access():
+    a = cd.problems(CFG, "train", 40)
+    assert a == cd.problems(CFG, "train", 40)
+    assert cd.generate(CFG, "train", 17) == a[17]
+    assert a != cd.problems(dataclasses.replace(CFG, seed=1), "train", 40)
+
+
+def test_splits_are_disjoint_and_heldout_is_distinct():
+    train = {p.key for p in cd.problems(CFG, "train", 3000)}
+    held = cd.problems(CFG, "eval", CFG.num_eval)
+    keys = [p.key for p in held]
+    assert len(set(keys)) == len(keys) == CFG.num_eval
+    assert not train & set(keys)
+
+
+def test_every_problem_is_solvable_and_its_gold_chain_verifies():
+    for p in cd.problems(CFG, "train", 150) + cd.problems(CFG, "eval", 50):
+        numbers, target = cd.parse_spec(p.gold)
+        assert 3 == len(numbers) and all(1 <= n <= 20 for n in numbers) and 1 <= target <= 100
+        assert Fraction(target) in reachable(numbers), p.gold
+        assert cd.verify(p.gold, p.gold_completion()), p
+        assert p.chain[0] == p.gold and p.question == f"reach {target} with {' '.join(map(str, numbers))}"
+        # The chain's last line reaches the target; dead ends are marked and come before it.
+        assert p.chain[-1].split(" [")[0].endswith(f"={target}") or str(target) in p.chain[0].split(" -> ")[0].split()
+        assert not any(line.endswith(" no") for line in p.chain[-1:])
+
+
+def test_four_numbers():
+    cfg = from_dict(TaskConfig, {"name": "countdown", "countdown": {"min_numbers": 4, "max_numbers": 4}}, "task")
+    for p in cd.problems(cfg, "train", 20):
+        numbers, target = cd.parse_spec(p.gold)
+        assert len(numbers) == 4 and Fraction(target) in reachable(numbers)
+        assert cd.verify(p.gold, p.gold_completion())
+
+
+def test_search_agrees_with_the_exhaustive_reference():
+    """Where the chain's search (positive integer steps) finds an expression, it is right; where the
+    reference finds no value equal to the target, neither does the search."""
+    rng = random.Random(0)
+    found = 0
+    for _ in range(300):
+        numbers = [rng.randint(1, 12) for _ in range(3)]
+        target = rng.randint(1, 60)
+        out = cd.worked_chain(numbers, target)
+        if Fraction(target) not in reachable(numbers):
+            assert out is None
+        elif out is not None:
+            found += 1
+            value, used = cd.evaluate_expression(out[1])
+            assert value == target and cd.uses_given(used, numbers)
+    assert found > 50  # 79 of the 300 random pairs
+
+
+def _tagged(expr: str) -> str:
+    return f"<think>\nx\n</think>\n\n<answer>{expr}</answer>"
+
+
+@pytest.mark.parametrize("answer,ok", [
+    ("7*3+5-2", True),
+    ("(7-5)*(3*2)*2", False),  # 2 used twice
+    ("7*3+5-2+0", False),  # 0 not given
+    ("7*3+5", False),  # 26: the wrong value
+    ("(5+7)*2", True),  # a subset suffices: each number at most once
+    ("24", False),  # 24 is not a given number
+    ("7*3+5-2=24", False),  # an equation, not an expression
+    ("7*3+(5-2", False),  # unbalanced
+    ("7*3++5-2", False),  # malformed
+    ("-2+7*3+5", False),  # no unary minus: only given numbers
+    ("__import__('os')", False),
+    ("7/0+24", False),  # division by zero
+    ("", False),
+])
+def test_verifier_judges_answers(answer, ok):
+    assert cd.verify("3 5 7 2 -> 24", _tagged(answer)) is ok
+
+
+def test_verifier_needs_an_answer_and_a_well_formed_gold():
+    assert not cd.verify("3 5 7 2 -> 24", "<think>\n7*3+5-2")  # no final answer
+    assert cd.verify("3 5 7 2 -> 24", "<think>\nx\n</think>\n7*3 + 5 - 2")  # after </think>, spaces allowed
+    assert cd.verify("6 4 -> 1", _tagged("(6-4)/2")) is False  # 2 not given
+    assert cd.verify("6 4 2 -> 1", _tagged("(6-4)/2")) is True
+    assert cd.verify("3 4 -> 1", _tagged("4/3*3/4")) is False  # 3 and 4 twice
+    with pytest.raises(ValueError, match="3 5 7 2 -> 24"):
+        cd.verify("24", _tagged("24"))
+
+
+def test_parser_agrees_with_python_on_random_expressions():
+    """Python's own parser and precedence, over Fractions, as the reference (test-only eval)."""
+    rng = random.Random(1)
+
+    def expr(depth):
+        if depth == 0 or rng.random() < 0.3:
+            return str(rng.randint(0, 30))
+        e = f"{expr(depth - 1)}{rng.choice('+-*/')}{expr(depth - 1)}"
+        return f"({e})" if rng.random() < 0.4 else e
+
+    checked = 0
+    for _ in range(400):
+        text = expr(3)
+        try:
+            want = eval(re.sub(r"\d+", lambda m: f"Fraction({m.group()})", text), {"Fraction": Fraction})
+        except ZeroDivisionError:
+            assert cd.evaluate_expression(text) is None
+            continue
+        value, used = cd.evaluate_expression(text)
+        assert value == want and used == [int(x) for x in re.findall(r"\d+", text)]
+        checked += 1
+    assert checked > 300
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"^task\.countdown\.max_numbers:"):
+        from_dict(TaskConfig, {"name": "countdown", "countdown": {"max_numbers": 5}}, "task")
+    with pytest.raises(ConfigError, match=r"^task\.answer_noise:.*countdown"):
+        from_dict(TaskConfig, {"name": "countdown", "answer_noise": 0.5}, "task")
