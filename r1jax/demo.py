@@ -29,10 +29,10 @@ TINY_V3 = dict(
 
 # The demo's teacher: the same architecture twice as wide (also configs/model/demo_v3.yaml), wide
 # enough to learn 3-operand sums in a CPU-minutes budget; tests keep the cheaper TINY_V3.
-# Its execution is pinned, not `auto`: the demo's published numbers (README) come from this rounding
-# path, and the recipe's outcome is sensitive to rounding (the `auto` path gave a student at 71% of its
+# Its MoE dispatch is pinned, not `auto`: the demo's published numbers (README) come from this rounding
+# path, and the recipe's outcome is sensitive to rounding (`blocked` gave a student at 71% of its
 # teacher in the shortened demo, 2026-12-02; issue 20 is about that robustness).
-DEMO_V3 = dict(TINY_V3, hidden_size=128, moe_dispatch="ragged", layer_loop="scan")
+DEMO_V3 = dict(TINY_V3, hidden_size=128, moe_dispatch="ragged")
 
 
 # The dense student (also configs/model/tiny_qwen2_student.yaml).
@@ -40,7 +40,6 @@ TINY_QWEN2_STUDENT = dict(
     model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000,
     tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    layer_loop="scan",  # pinned like the teacher's settings above
 )
 
 

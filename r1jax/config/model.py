@@ -34,8 +34,8 @@ RematPolicy = Annotated[Literal["none", "full", "dots", "dots_no_batch"], Choice
 # splash on TPU, cudnn on a GPU where it applies, chunked elsewhere.
 # How a stack of identical layers is looped over: "scan" (one compiled layer body, its activations
 # stacked per layer for the backward pass), "unroll" (every layer compiled in line: no stacking copies,
-# compile time grows with depth), "auto" (unroll on CPU, where the stacking copies cost a measured
-# share of a small model's step; scan on accelerators: benchmarks/README.md, "Defaults per backend").
+# compile time grows with depth), "auto" (the per-backend choice, decoder.UNROLL_ON: scan everywhere
+# for now; benchmarks/README.md, "Defaults per backend").
 LayerLoop = Annotated[Literal["auto", "scan", "unroll"], Choice("layer loop")]
 AttentionImpl = Annotated[Literal["dot", "chunked", "splash", "cudnn", "auto"], Choice("attention implementation")]
 
