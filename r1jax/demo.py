@@ -29,10 +29,7 @@ TINY_V3 = dict(
 
 # The demo's teacher: the same architecture twice as wide (also configs/model/demo_v3.yaml), wide
 # enough to learn 3-operand sums in a CPU-minutes budget; tests keep the cheaper TINY_V3.
-# Its MoE dispatch is pinned, not `auto`: the demo's published numbers (README) come from this rounding
-# path, and the recipe's outcome is sensitive to rounding (`blocked` gave a student at 71% of its
-# teacher in the shortened demo, 2026-12-02; issue 20 is about that robustness).
-DEMO_V3 = dict(TINY_V3, hidden_size=128, moe_dispatch="ragged")
+DEMO_V3 = dict(TINY_V3, hidden_size=128)
 
 
 # The dense student (also configs/model/tiny_qwen2_student.yaml).
