@@ -97,6 +97,14 @@ def rmtree(path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _copy_entry(src, dst, copy_tree) -> None:
+    """A directory by `copy_tree`, a file by `copy_file`; nothing when `src` does not exist."""
+    if src.is_dir():
+        copy_tree(src, dst)
+    elif src.exists():
+        copy_file(src, dst)
+
+
 def upload_tree(src: Path, dst) -> None:
     """Copy the local directory `src` to `dst` (a URI), file by file. `config.yaml` and `config.json` go
     last: they are what makes a directory a checkpoint, so a reader that finds them finds the rest."""
@@ -191,22 +199,14 @@ class LocalMirror:
         self.local = Path(tempfile.mkdtemp(prefix=f"r1jax-{prefix}-"))
         self._synced = time.monotonic()
         for name in self.names:
-            src = self.remote / name
-            if src.is_dir():
-                download_tree(src, self.local / name)
-            elif src.exists():
-                copy_file(src, self.local / name)
+            _copy_entry(self.remote / name, self.local / name, download_tree)
 
     def sync(self, force: bool = False) -> None:
         """Copy the local entries up, in the order named (a later one may describe an earlier one)."""
         if not force and time.monotonic() - self._synced < self.every_s:
             return
         for name in self.names:
-            src = self.local / name
-            if src.is_dir():
-                upload_tree(src, self.remote / name)
-            elif src.exists():
-                copy_file(src, self.remote / name)
+            _copy_entry(self.local / name, self.remote / name, upload_tree)
         self._synced = time.monotonic()
 
     def close(self) -> None:
