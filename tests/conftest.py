@@ -14,3 +14,35 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # No persistent compilation cache by default: on CI (2026-11-23) jaxlib 0.10.2 aborted the whole
 # process while serializing a CPU executable for it (`put_executable_and_time`), which no test can
 # catch. Set JAX_COMPILATION_CACHE_DIR yourself to use one.
+
+import gc  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Every XLA:CPU executable holds about 15 memory mappings of JIT code (more for big programs), and
+# jax keeps each one alive in its caches for the life of the process. An xdist worker runs many
+# files one after another, so it reached Linux's per-process limit (vm.max_map_count, 65,530): the
+# core of the worker that died on 2026-12-02 held 63,833 mappings, its last compile failed with
+# "Failed to materialize symbols" (the JIT could not map memory) and throwing that error crashed
+# the C++ unwinder (SIGSEGV, then xdist waited forever for the dead worker). test_model.py alone
+# reaches 42,000. So the caches are dropped after each file, and within a file once the process
+# holds CLEAR_ABOVE mappings; a file's tests otherwise share their compiled programs.
+CLEAR_ABOVE = 20_000
+
+
+def memory_mappings() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: nothing to count, and the caches are still dropped per file
+        return 0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    if "jax" not in sys.modules:
+        return
+    if nextitem is None or nextitem.module is not item.module or memory_mappings() > CLEAR_ABOVE:
+        sys.modules["jax"].clear_caches()
+        gc.collect()
