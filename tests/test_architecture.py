@@ -54,6 +54,7 @@ LAYERS = {
     "r1jax.rl.*": 9,
     "r1jax.pipeline": 10,
     "r1jax.demo": 10,
+    "r1jax.curves": 10,  # the pipeline's RL learning curves (reads train metrics)
     "r1jax.plan": 10,
     "r1jax.plan_sampler": 10,
     "r1jax.sample": 10,
