@@ -45,6 +45,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
@@ -355,10 +356,24 @@ class CheckpointManager:
                                f"removed and " + (f"the last complete checkpoint, step {kept[-1]}, is intact: "
                                                   f"a new run resumes from it" if kept else "no earlier step exists"))
 
-    def _remove_partial_steps(self) -> None:
-        if jax.process_index() == 0:
-            for partial in self.directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"):
+    def _remove_partial_steps(self, settle_s: float = 0.0) -> None:
+        """Remove `<step>.orbax-checkpoint-tmp*` directories. With settle_s, keep removing until none has
+        reappeared for settle_s seconds (at most 10 s): tensorstore's writes of a failed save are not
+        joined by orbax's close, and on 2026-12-02 one recreated the step's directory after it (a full
+        disk, tests/test_faults.py)."""
+        if jax.process_index() != 0:
+            return
+        deadline, quiet_since = time.monotonic() + 10.0, time.monotonic()
+        while True:
+            leftovers = list(self.directory.glob(f"*{ocp.utils.TMP_DIR_SUFFIX}*"))
+            for partial in leftovers:
                 paths.rmtree(partial)
+            now = time.monotonic()
+            if leftovers:
+                quiet_since = now
+            if now - quiet_since >= settle_s or now > deadline:
+                return
+            time.sleep(0.1)
 
     # ------------------------------------------------------------------ restore
     def _resolve_step(self, step: int | None) -> int:
@@ -486,8 +501,8 @@ class CheckpointManager:
                     raise
                 # orbax re-raises the failed save it was waiting for; that was reported already
                 log.debug("closing %s after a failed save", self.directory, exc_info=True)
-            if self._failed:  # again: orbax's writers still running at the failure may have recreated it
-                self._remove_partial_steps()
+            if self._failed:  # again: writers still running at the failure may have recreated it
+                self._remove_partial_steps(settle_s=1.0)
 
     def __enter__(self) -> "CheckpointManager":
         return self
