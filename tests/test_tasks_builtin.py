@@ -37,10 +37,47 @@ def test_running_sums_against_numpy():
         terms = np.array(p.question.removeprefix("add ").split(), np.int64)
         assert 3 <= len(terms) <= 6 and terms.min() >= 1000 and terms.max() <= 9999
         assert int(p.answer) == int(p.gold) == int(terms.sum())
-        totals = [int(line.split("=")[1]) for line in p.chain[1:]]
+        totals = [int(line.split("=")[-1]) for line in p.chain[1:]]
         assert totals == np.cumsum(terms)[1:].tolist()
         assert tasks.verify(p.gold, p.gold_completion())
         assert not tasks.verify(p.gold, _tagged(str(int(terms.sum()) + 1)))
+
+
+@pytest.mark.parametrize("digits", [1, 2, 4])
+def test_running_sum_columns_are_paper_addition(digits):
+    """Each chain line's columns, read back, are the decimal digits of the term and the running total
+    (numpy integer division) plus the carry out of the column before, summed; the line's total is
+    what they make. `chain: lines` keeps the one-go lines."""
+    cfg = from_dict(TaskConfig, {"name": "running_sum", "running_sum": {"min_terms": 2, "max_terms": 5,
+                                                                        "digits": digits}}, "task")
+    carried = 0
+    for p in task_running_sum.problems(cfg, "train", 300):
+        terms = np.array(p.question.removeprefix("add ").split(), np.int64)
+        totals = np.cumsum(terms)
+        assert p.chain[0] == str(terms[0]) and len(p.chain) == len(terms)
+        for line, term, before, after in zip(p.chain[1:], terms[1:], totals[:-1], totals[1:]):
+            head, work = line.split(": ")
+            *columns, result = work.split(" ")
+            assert head == f"+{term}" and result == f"={after}"
+            width = max(len(str(term)), len(str(before)))
+            assert len(columns) == width
+            carry = 0
+            for i, col in enumerate(columns):
+                lhs, s = col.split("=")
+                want = [d for d, n in ((term // 10 ** i % 10, term), (before // 10 ** i % 10, before))
+                        if i < len(str(int(n)))]  # a number's digits, 0 written as one
+                assert [int(x) for x in lhs.split("+")] == want + [1] * carry and int(s) == sum(want) + carry
+                carry = int(s) // 10
+                carried += carry
+        lines = task_running_sum.generate(dataclasses.replace(
+            cfg, running_sum=dataclasses.replace(cfg.running_sum, chain="lines")), "train", 0).chain
+        assert all(line.count("=") == 1 and ":" not in line for line in lines[1:])
+    assert carried > 100  # carries were exercised
+
+
+def test_running_sum_chain_name_is_checked():
+    with pytest.raises(ConfigError, match=r"task.running_sum.chain: must be one of \['columns', 'lines'\], got 'digits'"):
+        from_dict(TaskConfig, {"name": "running_sum", "running_sum": {"chain": "digits"}}, "task")
 
 
 def test_running_sum_noise_changes_only_the_tagged_answer():

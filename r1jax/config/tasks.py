@@ -40,6 +40,10 @@ class RunningSumConfig:
     min_terms: int = 3
     max_terms: int = 4
     digits: int = 2  # every term has exactly this many digits
+    # How a chain line adds a term: "columns" works digit by digit from the units, each column's sum
+    # (with its carry) written before the new total; "lines" writes the new total in one go
+    # (`+78=795`), which the demo's 0.74M model did not learn in 1000 SFT steps (docs/tasks.md).
+    chain: Literal["columns", "lines"] = "columns"
 
     def __post_init__(self):
         need(self.min_terms >= 2, "min_terms", f"must be >= 2, got {self.min_terms}")
