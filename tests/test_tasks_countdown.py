@@ -73,6 +73,67 @@ def test_four_numbers():
         assert cd.verify(p.gold, p.gold_completion())
 
 
+_LINE = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)(?: \[([\d ]+)\])?(?:: ([\d ]+))?( no)?$")
+
+
+def _last_values(x: int, y: int) -> list[int]:
+    """What combining two whole numbers gives under the task's rule (larger first, + - * /, only
+    positive whole results), computed here with Fractions."""
+    a, b = Fraction(max(x, y)), Fraction(min(x, y))
+    return [int(v) for v in (a + b, a - b, a * b, a / b) if v > 0 and v.denominator == 1]
+
+
+@pytest.mark.parametrize("numbers", [3, 4])
+def test_checked_chain_works_every_step_out_on_the_page(numbers):
+    """Every line's step is right arithmetic; a line leaving two numbers lists what their last
+    combination gives, in order, up to the target; a `no` line's list misses the target, and the
+    line on the path that finds it is followed by that combination."""
+    cfg = from_dict(TaskConfig, {"name": "countdown", "countdown": {
+        "min_numbers": numbers, "max_numbers": numbers, "max_number": 10, "max_target": 30}}, "task")
+    listed = dead = 0
+    for p in cd.problems(cfg, "train", 200):
+        given, target = cd.parse_spec(p.gold)
+        for k, line in enumerate(p.chain[1:], 1):
+            m = _LINE.match(line)
+            assert m, line
+            a, op, b, out = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert Fraction(out) == {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b)}[op], line
+            left = [int(v) for v in m[5].split()] if m[5] else []
+            if len(left) != 2 or target in left:
+                assert m[6] is None, line  # nothing to list: more than two left, or the target is there
+                continue
+            values = [int(v) for v in m[6].split()]
+            want = _last_values(*left)
+            if m[7]:  # a dead end: every last combination listed, none the target
+                dead += 1
+                assert values == want and target not in values, (p.gold, line)
+            else:  # the path: listed up to the target, then that combination is the next line
+                assert values == want[:want.index(target) + 1], (p.gold, line)
+                nxt = _LINE.match(p.chain[k + 1])
+                assert int(nxt[4]) == target and sorted([int(nxt[1]), int(nxt[3])]) == sorted(left)
+            listed += 1
+        assert cd.verify(p.gold, p.gold_completion())
+    # Three numbers: every first move leaves two; four: only the path's second move does (deeper dead
+    # ends stay silent), so no dead end lists values.
+    if numbers == 3:
+        assert listed > 300 and dead > 150
+    else:
+        assert listed > 100 and dead == 0
+
+
+def test_silent_chain_marks_dead_ends_alone_and_the_name_is_checked():
+    silent = from_dict(TaskConfig, {"name": "countdown", "countdown": {"chain": "silent"}}, "task")
+    checked = cd.problems(CFG, "train", 50)
+    for p, q in zip(cd.problems(silent, "train", 50), checked):
+        assert p.gold == q.gold and p.answer == q.answer  # the same problems and search, written shorter
+        assert not any(":" in line for line in p.chain)
+        assert [line.split(":")[0] + (" no" if line.endswith(" no") else "") for line in q.chain] == list(p.chain)
+    with pytest.raises(ConfigError, match=r"task\.countdown\.chain: must be one of \['checked', 'silent'\], got 'quiet'"):
+        from_dict(TaskConfig, {"name": "countdown", "countdown": {"chain": "quiet"}}, "task")
+    with pytest.raises(ValueError, match="countdown chain must be 'checked' or 'silent', got 'x'"):
+        cd.worked_chain([1, 2, 3], 6, "x")
+
+
 def test_search_agrees_with_the_exhaustive_reference():
     """Where the chain's search (positive integer steps) finds an expression, it is right; where the
     reference finds no value equal to the target, neither does the search."""

@@ -24,6 +24,10 @@ class CountdownConfig:
     max_numbers: int = 3  # at most 4: the worked chain and the verifier's tests search exhaustively
     max_number: int = 20  # numbers are drawn from 1..max_number
     max_target: int = 100  # targets are 1..max_target
+    # "checked": a chain line that leaves two numbers lists what their last combination gives, so a
+    # dead end's `no` is worked out on the page; "silent" writes the `no` alone, which the demo's 0.74M
+    # model could not decide and answered with a made-up last step instead (docs/tasks.md).
+    chain: Literal["checked", "silent"] = "checked"
 
     def __post_init__(self):
         need(2 <= self.min_numbers, "min_numbers", f"must be >= 2, got {self.min_numbers}")

@@ -9,19 +9,28 @@ verifier parses the tagged expression (a small recursive-descent parser, never P
 evaluates it exactly with fractions and checks the numbers it uses against the given ones.
 
 The worked chain is a depth-first search over "combine two of the numbers left". Each first
-combination the search tries is one line; one that leads nowhere ends in `no` (its subtree is
-searched silently), and the one that works is followed down to the target:
+combination the search tries is one line; one that leads nowhere ends in `no`, and the one that
+works is followed down to the target. With `chain: checked` (the default) a line that leaves two
+numbers lists, after a colon, what their last combination gives (`+ - * /` in that order, up to the
+target), so every `no` and every step to the target is checked on the page; deeper dead ends (four
+numbers) and `chain: silent` search their subtree silently:
 
     <think>
-    3 5 7 2 -> 24
-    5+3=8 [7 2 8] no
-    ...
-    7*3=21 [5 2 21]
-    21+5=26 [2 26]
-    26-2=24
+    5 9 2 -> 19
+    9+5=14 [2 14]: 16 12 28 7 no
+    9-5=4 [2 4]: 6 2 8 2 no
+    9*5=45 [2 45]: 47 43 90 no
+    5+2=7 [9 7]: 16 2 63 no
+    5-2=3 [9 3]: 12 6 27 3 no
+    5*2=10 [9 10]: 19
+    10+9=19
     </think>
 
-    <answer>7*3+5-2</answer>
+    <answer>5*2+9</answer>
+
+A model writing the silent chain must decide a line's `no` before writing it, i.e. solve the rest
+in its head; the demo's 0.74M model did not, and wrote a last line that claimed the target
+(`11+5=19`) instead (docs/tasks.md).
 """
 
 from __future__ import annotations
@@ -77,13 +86,32 @@ def _solve(items, target):
     return None
 
 
-def _line(a, op, b, out, rest) -> str:
+def _outcomes(rest, target) -> str:
+    """`: v1 v2 ...`, what the last combination of two items left gives, in the search's order and up
+    to the target; empty when more than two are left or the target is already among them."""
+    if len(rest) != 2 or any(it[0] == target for it in rest):
+        return ""
+    values = []
+    for *_, out in _moves(rest):
+        values.append(str(out[0]))
+        if out[0] == target:
+            break
+    return ": " + " ".join(values)
+
+
+def _line(a, op, b, out, rest, target, checked) -> str:
     left = " ".join(str(it[0]) for it in rest)
-    return f"{a[0]}{op}{b[0]}={out[0]}" + (f" [{left}]" if len(rest) > 1 else "")
+    line = f"{a[0]}{op}{b[0]}={out[0]}" + (f" [{left}]" if len(rest) > 1 else "")
+    return line + (_outcomes(rest, target) if checked else "")
 
 
-def worked_chain(numbers: list[int], target: int) -> tuple[list[str], str] | None:
-    """(chain lines, answer expression) of the search, or None when no expression reaches the target."""
+def worked_chain(numbers: list[int], target: int, chain: str = "checked") -> tuple[list[str], str] | None:
+    """(chain lines, answer expression) of the search, or None when no expression reaches the target.
+    chain: "checked" lists the last combination's values on each line that leaves two numbers,
+    "silent" does not (module docstring)."""
+    if chain not in ("checked", "silent"):
+        raise ValueError(f"countdown chain must be 'checked' or 'silent', got {chain!r}")
+    checked = chain == "checked"
     items = [(n, str(n), 3) for n in numbers]
     lines = [f"{' '.join(map(str, numbers))} -> {target}"]
     for item in items:
@@ -93,10 +121,10 @@ def worked_chain(numbers: list[int], target: int) -> tuple[list[str], str] | Non
         rest = [it for k, it in enumerate(items) if k not in (i, j)] + [out]
         path = _solve(rest, target)
         if path is None:
-            lines.append(_line(a, op, b, out, rest) + " no")
+            lines.append(_line(a, op, b, out, rest, target, checked) + " no")
             continue
         steps = [(a, op, b, out, rest)] + path
-        lines += [_line(*s) for s in steps]
+        lines += [_line(*s, target, checked) for s in steps]
         return lines, steps[-1][3][1]
     return None
 
@@ -124,7 +152,7 @@ def spec(numbers: list[int], target: int) -> str:
 
 def generate(cfg: TaskConfig, split: str, index: int) -> Worked:
     numbers, target = draw_in_split(cfg, split, index, lambda rng: _draw(cfg, rng), lambda d: spec(*d))
-    lines, expression = worked_chain(numbers, target)
+    lines, expression = worked_chain(numbers, target, cfg.countdown.chain)
     return Worked(id=f"countdown/{split}/{index}", key=spec(numbers, target),
                   question=f"reach {target} with {' '.join(map(str, numbers))}", chain=tuple(lines),
                   answer=expression, gold=spec(numbers, target))
