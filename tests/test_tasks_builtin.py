@@ -170,7 +170,7 @@ def test_every_pipeline_config_resolves():
         assert stages, path
     cfg = load_pipeline("configs/pipeline/countdown_tiny.yaml")
     rl = resolve_stage(cfg, 1)
-    assert rl.eval_every == cfg.curve_every == 25 and rl.eval_prompts == cfg.eval_prompts
+    assert rl.eval_every == cfg.curve_every == 10 and rl.eval_prompts == cfg.eval_prompts
     assert rl.prompts.task.name == rl.eval_prompts.task.name == "countdown"
     names = {path: load_pipeline(path).eval_prompts.task.name for path in files if "_tiny" in path}
     for name in ("countdown", "running_sum", "sort_words"):  # each untuned task has its recipe

@@ -212,5 +212,33 @@ def test_parser_agrees_with_python_on_random_expressions():
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"^task\.countdown\.max_numbers:"):
         from_dict(TaskConfig, {"name": "countdown", "countdown": {"max_numbers": 5}}, "task")
-    with pytest.raises(ConfigError, match=r"^task\.answer_noise:.*countdown"):
-        from_dict(TaskConfig, {"name": "countdown", "answer_noise": 0.5}, "task")
+    with pytest.raises(ConfigError, match=r"^task\.answer_noise:.*sort_words"):
+        from_dict(TaskConfig, {"name": "sort_words", "answer_noise": 0.5}, "task")
+
+
+def test_noise_slips_one_operator_of_the_tagged_expression_and_misses_the_target():
+    """With answer_noise, about that share of the train rows tag a wrong answer: the chain's expression
+    with one operator changed, evaluated here with Python over exact fractions to miss the target, or
+    a bare-number answer off by 1..3; questions, chains and gold are the clean rows', and held-out rows
+    are never noisy."""
+    small = {"countdown": {"max_number": 10, "max_target": 30}}
+    clean_cfg = from_dict(TaskConfig, {"name": "countdown", **small}, "task")
+    noisy_cfg = from_dict(TaskConfig, {"name": "countdown", "answer_noise": 0.5, **small}, "task")
+    clean = [cd.generate(clean_cfg, "train", i) for i in range(600)]
+    rows = [cd.generate(noisy_cfg, "train", i) for i in range(600)]
+    assert [(p.question, p.chain, p.gold) for p in rows] == [(p.question, p.chain, p.gold) for p in clean]
+    changed = [(p, c) for p, c in zip(rows, clean) if p.answer != c.answer]
+    assert 0.4 < len(changed) / len(rows) < 0.6, len(changed)
+    bare = [(p, c) for p, c in changed if c.answer.isdigit()]
+    assert 10 < len(bare) < len(changed) - 100  # both kinds occur
+    for p, c in changed:
+        numbers, target = cd.parse_spec(p.gold)
+        value = eval(re.sub(r"\d+", lambda m: f"Fraction({m.group()})", p.answer), {"Fraction": Fraction})
+        assert value != target and not cd.verify(p.gold, p.gold_completion())
+        assert cd.verify(c.gold, c.gold_completion())
+        if c.answer.isdigit():
+            assert 1 <= abs(int(p.answer) - int(c.answer)) <= 3 and int(p.answer) >= 0
+        else:
+            diff = [(a, b) for a, b in zip(p.answer, c.answer) if a != b]
+            assert len(p.answer) == len(c.answer) and len(diff) == 1 and set(diff[0]) <= set("+-*/")
+    assert all(cd.verify(p.gold, p.gold_completion()) for p in cd.problems(noisy_cfg, "eval", 100))

@@ -100,7 +100,8 @@ class TaskConfig:
     # Share of train problems whose gold completion tags a wrong answer (the worked result off by 1..3),
     # like hastily written cold-start data: SFT imitates the slips, and RL, rewarded only for correct
     # answers, has to learn to report what the reasoning derived. Held-out problems are never noisy.
-    # Integer-answer tasks only (arithmetic, running_sum).
+    # Arithmetic and running_sum tag an integer off by 1..3; Countdown an expression with one operator
+    # slipped so it misses the target (a bare-number answer off by 1..3). sort_words takes none.
     answer_noise: float = 0.0
 
     def __post_init__(self):
@@ -116,5 +117,5 @@ class TaskConfig:
         need(self.num_train >= 1, "num_train", f"must be >= 1, got {self.num_train}")
         need(self.num_eval >= 1, "num_eval", f"must be >= 1, got {self.num_eval}")
         need(0.0 <= self.answer_noise < 1.0, "answer_noise", f"must be in [0, 1), got {self.answer_noise}")
-        need(self.answer_noise == 0.0 or self.name in ("arithmetic", "running_sum"), "answer_noise",
-             f"only the integer-answer tasks (arithmetic, running_sum) take noise; task {self.name!r} needs 0")
+        need(self.answer_noise == 0.0 or self.name in ("arithmetic", "running_sum", "countdown"), "answer_noise",
+             f"only arithmetic, running_sum and countdown take noise; task {self.name!r} needs 0")

@@ -31,12 +31,18 @@ numbers) and `chain: silent` search their subtree silently:
 A model writing the silent chain must decide a line's `no` before writing it, i.e. solve the rest
 in its head; the demo's 0.74M model did not, and wrote a last line that claimed the target
 (`11+5=19`) instead (docs/tasks.md).
+
+With `answer_noise`, that share of train rows tags a slipped answer under a right chain (one operator
+changed so the expression misses the target; a bare-number answer off by 1..3), as the integer
+tasks' noise does; held-out rows never.
 """
 
 from __future__ import annotations
 
 import re
 from fractions import Fraction
+
+import numpy as np
 
 from r1jax.config import TaskConfig
 from r1jax.data.tasks import Worked, distinct_problems, draw_in_split, extract_answer
@@ -150,12 +156,35 @@ def spec(numbers: list[int], target: int) -> str:
     return f"{' '.join(map(str, numbers))} -> {target}"
 
 
+def slipped_expression(cfg: TaskConfig, index: int, expression: str, target: int) -> str | None:
+    """For a share `answer_noise` of train problems, the chain's expression with one operator slipped
+    (`5*2+9` -> `5*2-9`) to one that misses the target, as a hasty writer would tag it, or when the
+    answer is a bare number (the target is a given number) that number off by 1..3 like the integer
+    tasks' noise; else None. Its own stream, as tasks.noisy_answer's."""
+    rng = np.random.default_rng([cfg.seed, 2, index])
+    if rng.random() >= cfg.answer_noise:
+        return None
+    if expression.isdigit():
+        # Offsets that keep the answer a number the verifier parses (no unary minus).
+        offsets = [d for d in (-3, -2, -1, 1, 2, 3) if int(expression) + d >= 0]
+        return str(int(expression) + offsets[int(rng.integers(len(offsets)))])
+    slips = []
+    for i, ch in enumerate(expression):
+        for op in "+-*/" if ch in _PREC else "":
+            text = expression[:i] + op + expression[i + 1:]
+            result = evaluate_expression(text)
+            if op != ch and result is not None and result[0] != target:
+                slips.append(text)
+    return slips[int(rng.integers(len(slips)))] if slips else None
+
+
 def generate(cfg: TaskConfig, split: str, index: int) -> Worked:
     numbers, target = draw_in_split(cfg, split, index, lambda rng: _draw(cfg, rng), lambda d: spec(*d))
     lines, expression = worked_chain(numbers, target, cfg.countdown.chain)
+    noisy = slipped_expression(cfg, index, expression, target) if split == "train" else None
     return Worked(id=f"countdown/{split}/{index}", key=spec(numbers, target),
                   question=f"reach {target} with {' '.join(map(str, numbers))}", chain=tuple(lines),
-                  answer=expression, gold=spec(numbers, target))
+                  answer=noisy or expression, gold=spec(numbers, target))
 
 
 def problems(cfg: TaskConfig, split: str, n: int) -> list[Worked]:
