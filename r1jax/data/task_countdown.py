@@ -42,10 +42,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-import numpy as np
-
 from r1jax.config import TaskConfig
-from r1jax.data.tasks import Worked, distinct_problems, draw_in_split, extract_answer
+from r1jax.data.tasks import Worked, distinct_problems, draw_in_split, extract_answer, noise_stream
 
 _SPEC = re.compile(r"\s*((?:\d+\s+)*\d+)\s*->\s*(\d+)\s*")
 _TOKEN = re.compile(r"\s*(\d+|[-+*/()])")
@@ -160,21 +158,17 @@ def slipped_expression(cfg: TaskConfig, index: int, expression: str, target: int
     """For a share `answer_noise` of train problems, the chain's expression with one operator slipped
     (`5*2+9` -> `5*2-9`) to one that misses the target, as a hasty writer would tag it, or when the
     answer is a bare number (the target is a given number) that number off by 1..3 like the integer
-    tasks' noise; else None. Its own stream, as tasks.noisy_answer's."""
-    rng = np.random.default_rng([cfg.seed, 2, index])
-    if rng.random() >= cfg.answer_noise:
+    tasks' noise; else None."""
+    rng = noise_stream(cfg, index)
+    if rng is None:
         return None
     if expression.isdigit():
         # Offsets that keep the answer a number the verifier parses (no unary minus).
         offsets = [d for d in (-3, -2, -1, 1, 2, 3) if int(expression) + d >= 0]
         return str(int(expression) + offsets[int(rng.integers(len(offsets)))])
-    slips = []
-    for i, ch in enumerate(expression):
-        for op in "+-*/" if ch in _PREC else "":
-            text = expression[:i] + op + expression[i + 1:]
-            result = evaluate_expression(text)
-            if op != ch and result is not None and result[0] != target:
-                slips.append(text)
+    swaps = [expression[:i] + op + expression[i + 1:]
+             for i, ch in enumerate(expression) if ch in _PREC for op in _PREC if op != ch]
+    slips = [text for text in swaps if (result := evaluate_expression(text)) is not None and result[0] != target]
     return slips[int(rng.integers(len(slips)))] if slips else None
 
 

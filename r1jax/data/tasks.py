@@ -148,13 +148,17 @@ def reduce_steps(tokens: list) -> tuple[str, ...]:
     return tuple(steps)
 
 
-def noisy_answer(cfg: TaskConfig, index: int, answer: str) -> str | None:
-    """A wrong answer (off by 1..3) for a share `answer_noise` of train problems, else None. Drawn
-    from its own stream, so the problems themselves do not depend on the noise level."""
+def noise_stream(cfg: TaskConfig, index: int) -> np.random.Generator | None:
+    """The random stream that slips train problem `index`'s answer, or None when it stays clean (a
+    share 1 - `answer_noise`). Its own stream, so the problems do not depend on the noise level."""
     rng = np.random.default_rng([cfg.seed, 2, index])
-    if rng.random() >= cfg.answer_noise:
-        return None
-    return str(int(answer) + int(rng.choice([-3, -2, -1, 1, 2, 3])))
+    return rng if rng.random() < cfg.answer_noise else None
+
+
+def noisy_answer(cfg: TaskConfig, index: int, answer: str) -> str | None:
+    """A wrong answer (off by 1..3) for a share `answer_noise` of train problems, else None."""
+    rng = noise_stream(cfg, index)
+    return None if rng is None else str(int(answer) + int(rng.choice([-3, -2, -1, 1, 2, 3])))
 
 
 def draw_in_split(cfg: TaskConfig, split: str, index: int, draw, key):
